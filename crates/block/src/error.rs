@@ -1,0 +1,110 @@
+//! The error every [`crate::BlockIo`] call returns: what failed, where, and why.
+
+use std::io;
+
+/// Which operation an error belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoOp {
+    /// `read`
+    Read,
+    /// `write`
+    Write,
+    /// `flush`
+    Flush,
+    /// `discard`
+    Discard,
+    /// `write_zeroes`
+    WriteZeroes,
+}
+
+impl std::fmt::Display for IoOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+            IoOp::Flush => "flush",
+            IoOp::Discard => "discard",
+            IoOp::WriteZeroes => "write-zeroes",
+        })
+    }
+}
+
+/// A failed block-IO request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IoError {
+    /// The request is not a multiple of the block size.
+    #[error("{op} at offset {offset} of {len} bytes is not aligned to the {block_size}-byte block size")]
+    Misaligned {
+        /// The operation.
+        op: IoOp,
+        /// Byte offset requested.
+        offset: u64,
+        /// Byte length requested.
+        len: u64,
+        /// The device's block size.
+        block_size: u32,
+    },
+    /// The request reaches past the end of the device.
+    #[error("{op} at offset {offset} of {len} bytes is beyond the end of the {size}-byte device")]
+    OutOfRange {
+        /// The operation.
+        op: IoOp,
+        /// Byte offset requested.
+        offset: u64,
+        /// Byte length requested.
+        len: u64,
+        /// The device size.
+        size: u64,
+    },
+    /// The operating system failed the request.
+    #[error("{op} of {len} bytes at offset {offset} on {device} failed")]
+    Os {
+        /// The operation.
+        op: IoOp,
+        /// The device (path or name).
+        device: String,
+        /// Byte offset requested.
+        offset: u64,
+        /// Byte length requested.
+        len: u64,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// A fault injector failed the request on purpose.
+    #[error("Injected {op} error at offset {offset}")]
+    Injected {
+        /// The operation.
+        op: IoOp,
+        /// Byte offset requested.
+        offset: u64,
+    },
+    /// The device is gone (unplugged, failed, or released).
+    #[error("Device {device} is gone")]
+    Gone {
+        /// The device (path or name).
+        device: String,
+    },
+    /// A redundant node lost more children than its redundancy covers.
+    #[error("{op} at offset {offset}: {failed} of {children} legs failed, more than the redundancy covers")]
+    TooManyFailures {
+        /// The operation.
+        op: IoOp,
+        /// Byte offset in the node.
+        offset: u64,
+        /// How many children have failed.
+        failed: usize,
+        /// How many children the node has.
+        children: usize,
+    },
+}
+
+impl IoError {
+    /// True for errors the caller caused (alignment, range): retrying elsewhere will not help
+    /// and they must not mark a device as failed.
+    pub fn is_request_error(&self) -> bool {
+        matches!(self, IoError::Misaligned { .. } | IoError::OutOfRange { .. })
+    }
+}
