@@ -55,11 +55,21 @@ impl Geometry {
     pub fn check(&self, op: IoOp, offset: u64, len: u64) -> Result<(), IoError> {
         let bs = u64::from(self.block_size);
         if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
-            return Err(IoError::Misaligned { op, offset, len, block_size: self.block_size });
+            return Err(IoError::Misaligned {
+                op,
+                offset,
+                len,
+                block_size: self.block_size,
+            });
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.size_bytes => Ok(()),
-            _ => Err(IoError::OutOfRange { op, offset, len, size: self.size_bytes }),
+            _ => Err(IoError::OutOfRange {
+                op,
+                offset,
+                len,
+                size: self.size_bytes,
+            }),
         }
     }
 }
@@ -94,8 +104,7 @@ pub trait BlockIo: Send + Sync + 'static {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError>;
 
     /// Writes `data` at `offset`; durable on completion when `durability` is FUA.
-    async fn write(&self, offset: u64, data: Bytes, durability: Durability)
-    -> Result<(), IoError>;
+    async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError>;
 
     /// Makes every write completed before this call durable.
     async fn flush(&self) -> Result<(), IoError>;
@@ -109,5 +118,9 @@ pub trait BlockIo: Send + Sync + 'static {
 
 /// Allocates a zeroed buffer of `len` bytes.
 pub fn zeroes(len: u64) -> Bytes {
-    Bytes::from(vec![0u8; usize::try_from(len).expect("buffer length fits in memory")])
+    Bytes::from(vec![
+        0u8;
+        usize::try_from(len)
+            .expect("buffer length fits in memory")
+    ])
 }

@@ -1,0 +1,386 @@
+//! The write-intent bitmap of a mirror or parity node.
+//!
+//! One bit per region of the node's address space. A bit is on stable storage (FUA, on
+//! every copy) before any write to its region is issued, and is cleared only after a
+//! flush has made every write to the region durable on every member. So after a crash the
+//! set bits name every region whose members may disagree, and only those are resynced.
+//!
+//! ```text
+//!   write(r):  inflight[r] += 1 ─▶ bit r durable? ──no──▶ (io lock) persist bits | r (FUA)
+//!                                        │yes                      │
+//!                                        ▼                         ▼
+//!                                   write members ◀────────────────┘ ─▶ inflight[r] -= 1
+//!   flush:     mark = seq ─▶ flush members ─▶ (io lock) clear r if inflight[r] == 0,
+//!                                              last write to r began before the previous
+//!                                              flush, and no member has failed ─▶ persist
+//! ```
+//!
+//! Clearing lingers one flush so a hot region is not set and cleared on every flush.
+//! While a member is failed no bit is cleared, and the failed members are recorded in the
+//! bitmap: when a member comes back, the set bits are exactly what it missed.
+//!
+//! Encoded copy (little-endian), padded to the block size:
+//! `magic "STRATAWB" | version u32 | 0 u32 | generation u64 | region_size u64 |
+//!  regions u64 | failed_mask u64 | crc32c u32 | 0 [12] | bits`, the CRC covering the
+//! whole encoding with the CRC field zeroed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use strata_block::{BlockIo, Durability, IoError, IoOp};
+
+use crate::layout::BITMAP_HEADER;
+
+const MAGIC: &[u8; 8] = b"STRATAWB";
+const VERSION: u32 = 1;
+const CRC_AT: usize = 48;
+
+/// What [`Bitmap::load`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Loaded {
+    /// Regions that may be inconsistent.
+    pub dirty: Vec<usize>,
+    /// Members recorded as failed.
+    pub failed_mask: u64,
+    /// False when no copy could be read: every region counts as dirty.
+    pub readable: bool,
+}
+
+pub(crate) struct Bitmap {
+    region_size: u64,
+    regions: usize,
+    copies: Vec<Arc<dyn BlockIo>>,
+    encoded_len: u64,
+    seq: AtomicU64,
+    state: Mutex<State>,
+    io: tokio::sync::Mutex<IoState>,
+}
+
+struct State {
+    /// Bits known to be on stable storage. Only changed while holding the io lock.
+    durable: Vec<u64>,
+    inflight: Vec<u32>,
+    last_start: Vec<u64>,
+    failed_mask: u64,
+    previous_flush: u64,
+}
+
+struct IoState {
+    generation: u64,
+    copy_ok: Vec<bool>,
+}
+
+/// Keeps a write's regions marked in flight; dropping it ends the write.
+pub(crate) struct WriteGuard<'a> {
+    bitmap: &'a Bitmap,
+    first: usize,
+    last: usize,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.bitmap.state.lock();
+        for r in self.first..=self.last {
+            state.inflight[r] -= 1;
+        }
+    }
+}
+
+fn bit(bits: &[u64], r: usize) -> bool {
+    bits[r / 64] & (1 << (r % 64)) != 0
+}
+
+fn set(bits: &mut [u64], r: usize, on: bool) {
+    if on {
+        bits[r / 64] |= 1 << (r % 64);
+    } else {
+        bits[r / 64] &= !(1 << (r % 64));
+    }
+}
+
+impl Bitmap {
+    pub(crate) fn new(node_size: u64, region_size: u64, copies: Vec<Arc<dyn BlockIo>>) -> Self {
+        let regions =
+            usize::try_from(node_size.div_ceil(region_size)).expect("region count fits usize");
+        let block = copies
+            .iter()
+            .map(|c| u64::from(c.geometry().block_size))
+            .max()
+            .unwrap_or(512);
+        let encoded_len = (BITMAP_HEADER + (regions as u64).div_ceil(8)).div_ceil(block) * block;
+        let copy_ok = vec![true; copies.len()];
+        Self {
+            region_size,
+            regions,
+            copies,
+            encoded_len,
+            seq: AtomicU64::new(1),
+            state: Mutex::new(State {
+                durable: vec![0; regions.div_ceil(64)],
+                inflight: vec![0; regions],
+                last_start: vec![0; regions],
+                failed_mask: 0,
+                previous_flush: 0,
+            }),
+            io: tokio::sync::Mutex::new(IoState {
+                generation: 0,
+                copy_ok,
+            }),
+        }
+    }
+
+    pub(crate) fn region_size(&self) -> u64 {
+        self.region_size
+    }
+
+    /// Bytes an encoded copy takes; every copy extent must hold at least this much.
+    pub(crate) fn encoded_len(&self) -> u64 {
+        self.encoded_len
+    }
+
+    fn encode(&self, generation: u64, bits: &[u64], failed_mask: u64) -> Bytes {
+        let mut buf = vec![0u8; usize::try_from(self.encoded_len).expect("small")];
+        buf[0..8].copy_from_slice(MAGIC);
+        buf[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        buf[16..24].copy_from_slice(&generation.to_le_bytes());
+        buf[24..32].copy_from_slice(&self.region_size.to_le_bytes());
+        buf[32..40].copy_from_slice(&(self.regions as u64).to_le_bytes());
+        buf[40..48].copy_from_slice(&failed_mask.to_le_bytes());
+        let header = BITMAP_HEADER as usize;
+        for r in 0..self.regions {
+            if bit(bits, r) {
+                buf[header + r / 8] |= 1 << (r % 8);
+            }
+        }
+        let crc = crc32c::crc32c(&buf);
+        buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        Bytes::from(buf)
+    }
+
+    /// Decodes a copy: `(generation, bits, failed_mask)`, or `None` if it is not valid.
+    fn decode(&self, raw: &[u8]) -> Option<(u64, Vec<u64>, u64)> {
+        let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        if raw.len() as u64 != self.encoded_len || &raw[0..8] != MAGIC {
+            return None;
+        }
+        let stored = u32::from_le_bytes(raw[CRC_AT..CRC_AT + 4].try_into().expect("4 bytes"));
+        let mut copy = raw.to_vec();
+        copy[CRC_AT..CRC_AT + 4].fill(0);
+        let version = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&copy) != stored
+            || version != VERSION
+            || u64_at(24) != self.region_size
+            || u64_at(32) != self.regions as u64
+        {
+            return None;
+        }
+        let header = BITMAP_HEADER as usize;
+        let mut bits = vec![0u64; self.regions.div_ceil(64)];
+        for r in 0..self.regions {
+            set(&mut bits, r, raw[header + r / 8] & (1 << (r % 8)) != 0);
+        }
+        Some((u64_at(16), bits, u64_at(40)))
+    }
+
+    /// Writes a clean bitmap with no failed members: for a node that has just been made.
+    pub(crate) async fn initialize(&self) -> Result<(), IoError> {
+        let mut io = self.io.lock().await;
+        let bits = vec![0; self.regions.div_ceil(64)];
+        self.persist(&mut io, &bits, 0).await
+    }
+
+    /// Reads every copy and adopts the newest valid one.
+    pub(crate) async fn load(&self) -> Loaded {
+        let mut io = self.io.lock().await;
+        let reads =
+            futures::future::join_all(self.copies.iter().map(|c| c.read(0, self.encoded_len)))
+                .await;
+        let mut best: Option<(u64, Vec<u64>, u64)> = None;
+        for (i, read) in reads.into_iter().enumerate() {
+            let Ok(raw) = read else {
+                tracing::warn!(copy = i, "write-intent bitmap copy cannot be read");
+                io.copy_ok[i] = false;
+                continue;
+            };
+            match self.decode(&raw) {
+                Some(found) if best.as_ref().is_none_or(|b| found.0 > b.0) => best = Some(found),
+                Some(_) => {}
+                // A torn copy is rewritten by the next update.
+                None => tracing::warn!(copy = i, "write-intent bitmap copy is invalid"),
+            }
+        }
+        let mut state = self.state.lock();
+        let loaded = match best {
+            Some((generation, bits, failed_mask)) => {
+                io.generation = generation;
+                let dirty = (0..self.regions).filter(|&r| bit(&bits, r)).collect();
+                state.durable = bits;
+                state.failed_mask = failed_mask;
+                Loaded {
+                    dirty,
+                    failed_mask,
+                    readable: true,
+                }
+            }
+            None => {
+                state.durable = vec![u64::MAX; self.regions.div_ceil(64)];
+                Loaded {
+                    dirty: (0..self.regions).collect(),
+                    failed_mask: 0,
+                    readable: false,
+                }
+            }
+        };
+        loaded
+    }
+
+    /// Writes an encoding of `bits` to every working copy; succeeds if one copy took it.
+    async fn persist(
+        &self,
+        io: &mut IoState,
+        bits: &[u64],
+        failed_mask: u64,
+    ) -> Result<(), IoError> {
+        io.generation += 1;
+        let encoded = self.encode(io.generation, bits, failed_mask);
+        let writes = self.copies.iter().zip(&io.copy_ok).map(|(copy, ok)| {
+            let encoded = encoded.clone();
+            async move {
+                if *ok {
+                    copy.write(0, encoded, Durability::Fua).await.is_ok()
+                } else {
+                    false
+                }
+            }
+        });
+        let results = futures::future::join_all(writes).await;
+        for (ok, written) in io.copy_ok.iter_mut().zip(&results) {
+            *ok &= *written;
+        }
+        if results.iter().any(|w| *w) {
+            Ok(())
+        } else {
+            Err(IoError::TooManyFailures {
+                op: IoOp::Write,
+                offset: 0,
+                failed: results.len(),
+                children: results.len(),
+            })
+        }
+    }
+
+    fn region_span(&self, offset: u64, len: u64) -> (usize, usize) {
+        let first = usize::try_from(offset / self.region_size).expect("fits usize");
+        let last =
+            usize::try_from((offset + len.max(1) - 1) / self.region_size).expect("fits usize");
+        (first, last.min(self.regions - 1))
+    }
+
+    /// Marks `[offset, offset + len)` as being written; the bits are durable on return.
+    pub(crate) async fn start_write(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<WriteGuard<'_>, IoError> {
+        let (first, last) = self.region_span(offset, len);
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let covered = {
+            let mut state = self.state.lock();
+            for r in first..=last {
+                state.inflight[r] += 1;
+                state.last_start[r] = seq;
+            }
+            (first..=last).all(|r| bit(&state.durable, r))
+        };
+        let guard = WriteGuard {
+            bitmap: self,
+            first,
+            last,
+        };
+        if !covered {
+            let mut io = self.io.lock().await;
+            let (bits, failed) = {
+                let state = self.state.lock();
+                let mut bits = state.durable.clone();
+                (first..=last).for_each(|r| set(&mut bits, r, true));
+                (bits, state.failed_mask)
+            };
+            if bits != self.state.lock().durable {
+                self.persist(&mut io, &bits, failed).await?;
+                self.state.lock().durable = bits;
+            }
+        }
+        Ok(guard)
+    }
+
+    /// Call before flushing the members; pass the result to [`Bitmap::after_flush`].
+    pub(crate) fn flush_mark(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// After the members were flushed: clears regions that have been quiet since the
+    /// flush before this one, unless a member has failed.
+    pub(crate) async fn after_flush(&self, mark: u64) -> Result<(), IoError> {
+        let mut io = self.io.lock().await;
+        let (bits, failed) = {
+            let mut state = self.state.lock();
+            let linger = std::mem::replace(&mut state.previous_flush, mark);
+            if state.failed_mask != 0 {
+                return Ok(());
+            }
+            let mut bits = state.durable.clone();
+            for r in 0..self.regions {
+                if bit(&bits, r) && state.inflight[r] == 0 && state.last_start[r] < linger {
+                    set(&mut bits, r, false);
+                }
+            }
+            if bits == state.durable {
+                return Ok(());
+            }
+            // Drop the bits from `durable` before the write, so a writer arriving now takes
+            // the slow path and waits for the io lock.
+            state.durable = bits.clone();
+            (bits, state.failed_mask)
+        };
+        self.persist(&mut io, &bits, failed).await
+    }
+
+    /// Records that `members` have failed; their regions stay dirty until they are back.
+    pub(crate) async fn mark_failed(&self, members: u64) -> Result<(), IoError> {
+        let mut io = self.io.lock().await;
+        let (bits, failed) = {
+            let mut state = self.state.lock();
+            if state.failed_mask & members == members {
+                return Ok(());
+            }
+            state.failed_mask |= members;
+            (state.durable.clone(), state.failed_mask)
+        };
+        self.persist(&mut io, &bits, failed).await
+    }
+
+    /// After a resync that brought every member up to date: clean bits, `failed_mask` as
+    /// given (members still absent).
+    pub(crate) async fn resynced(&self, failed_mask: u64) -> Result<(), IoError> {
+        let mut io = self.io.lock().await;
+        let bits = {
+            let mut state = self.state.lock();
+            state.failed_mask = failed_mask;
+            if failed_mask == 0 {
+                state.durable.iter_mut().for_each(|w| *w = 0);
+            }
+            state.durable.clone()
+        };
+        self.persist(&mut io, &bits, failed_mask).await
+    }
+
+    /// Number of set bits (for health reports and tests).
+    pub(crate) fn dirty_regions(&self) -> usize {
+        let state = self.state.lock();
+        (0..self.regions)
+            .filter(|&r| bit(&state.durable, r))
+            .count()
+    }
+}

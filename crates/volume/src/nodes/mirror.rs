@@ -1,0 +1,251 @@
+//! Mirror (RAID 1): every leg holds the whole node. Reads go round-robin to healthy legs
+//! and fall over to the next leg on error; writes go to every healthy leg and succeed
+//! while one leg takes them. A leg that fails is recorded in the write-intent bitmap, so
+//! when it comes back only the regions written meanwhile are copied to it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::join_all;
+use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
+
+use super::bitmap::Bitmap;
+use crate::tree::{NodeHealth, Redundant};
+
+pub(crate) struct Mirror {
+    legs: Vec<Arc<dyn BlockIo>>,
+    failed: Vec<AtomicBool>,
+    next_read: AtomicUsize,
+    bitmap: Bitmap,
+    geometry: Geometry,
+}
+
+/// Largest piece copied at once during a resync.
+const RESYNC_PIECE: u64 = 1 << 20;
+
+impl Mirror {
+    pub(crate) fn new(
+        legs: Vec<Arc<dyn BlockIo>>,
+        bitmap_region: u64,
+        bitmap_copies: Vec<Arc<dyn BlockIo>>,
+    ) -> Self {
+        let size_bytes = legs
+            .iter()
+            .map(|l| l.geometry().size_bytes)
+            .min()
+            .unwrap_or(0);
+        let block_size = legs
+            .iter()
+            .map(|l| l.geometry().block_size)
+            .max()
+            .unwrap_or(512);
+        let failed = legs.iter().map(|_| AtomicBool::new(false)).collect();
+        Self {
+            legs,
+            failed,
+            next_read: AtomicUsize::new(0),
+            bitmap: Bitmap::new(size_bytes, bitmap_region, bitmap_copies),
+            geometry: Geometry {
+                block_size,
+                size_bytes,
+            },
+        }
+    }
+
+    fn is_failed(&self, leg: usize) -> bool {
+        self.failed[leg].load(Ordering::Relaxed)
+    }
+
+    fn failed_count(&self) -> usize {
+        (0..self.legs.len()).filter(|&i| self.is_failed(i)).count()
+    }
+
+    /// Takes a leg out of service after a device error.
+    async fn fail_leg(&self, leg: usize, error: &IoError) {
+        if !self.failed[leg].swap(true, Ordering::SeqCst) {
+            tracing::warn!(leg, %error, "mirror leg failed; continuing degraded");
+        }
+        if let Err(e) = self.bitmap.mark_failed(1 << leg).await {
+            tracing::error!(leg, error = %e, "cannot record the failed leg in the bitmap");
+        }
+    }
+
+    fn too_many(&self, op: IoOp, offset: u64) -> IoError {
+        IoError::TooManyFailures {
+            op,
+            offset,
+            failed: self.failed_count(),
+            children: self.legs.len(),
+        }
+    }
+
+    /// Runs `op` on every healthy leg; fails legs that error; succeeds if one leg did.
+    async fn on_all_legs<'a, F, Fut>(&'a self, op: IoOp, offset: u64, f: F) -> Result<(), IoError>
+    where
+        F: Fn(&'a Arc<dyn BlockIo>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), IoError>>,
+    {
+        let healthy: Vec<usize> = (0..self.legs.len())
+            .filter(|&i| !self.is_failed(i))
+            .collect();
+        let results = join_all(healthy.iter().map(|&i| f(&self.legs[i]))).await;
+        let mut ok = 0;
+        for (&leg, result) in healthy.iter().zip(results) {
+            match result {
+                Ok(()) => ok += 1,
+                Err(e) if e.is_request_error() => return Err(e),
+                Err(e) => self.fail_leg(leg, &e).await,
+            }
+        }
+        if ok == 0 {
+            Err(self.too_many(op, offset))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn copy_region(
+        &self,
+        source: usize,
+        targets: &[usize],
+        start: u64,
+        end: u64,
+    ) -> Result<(), IoError> {
+        let mut at = start;
+        while at < end {
+            let n = RESYNC_PIECE.min(end - at);
+            let data = self.legs[source].read(at, n).await?;
+            for &t in targets {
+                self.legs[t]
+                    .write(at, data.clone(), Durability::Cached)
+                    .await?;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockIo for Mirror {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
+        self.geometry.check(IoOp::Read, offset, len)?;
+        let n = self.legs.len();
+        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let leg = (start + k) % n;
+            if self.is_failed(leg) {
+                continue;
+            }
+            match self.legs[leg].read(offset, len).await {
+                Ok(data) => return Ok(data),
+                Err(e) if e.is_request_error() => return Err(e),
+                Err(e) => self.fail_leg(leg, &e).await,
+            }
+        }
+        Err(self.too_many(IoOp::Read, offset))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
+        self.geometry
+            .check(IoOp::Write, offset, data.len() as u64)?;
+        let _guard = self.bitmap.start_write(offset, data.len() as u64).await?;
+        self.on_all_legs(IoOp::Write, offset, |leg| {
+            leg.write(offset, data.clone(), durability)
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        let mark = self.bitmap.flush_mark();
+        self.on_all_legs(IoOp::Flush, 0, |leg| leg.flush()).await?;
+        self.bitmap.after_flush(mark).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.geometry.check(IoOp::Discard, offset, len)?;
+        let _guard = self.bitmap.start_write(offset, len).await?;
+        self.on_all_legs(IoOp::Discard, offset, |leg| leg.discard(offset, len))
+            .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.geometry.check(IoOp::WriteZeroes, offset, len)?;
+        let _guard = self.bitmap.start_write(offset, len).await?;
+        self.on_all_legs(IoOp::WriteZeroes, offset, |leg| {
+            leg.write_zeroes(offset, len)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Redundant for Mirror {
+    async fn initialize(&self) -> Result<(), IoError> {
+        self.bitmap.initialize().await
+    }
+
+    async fn recover(&self) -> Result<usize, IoError> {
+        let loaded = self.bitmap.load().await;
+        let bs = u64::from(self.geometry.block_size);
+        let mut present = Vec::new();
+        for leg in &self.legs {
+            present.push(leg.read(0, bs).await.is_ok());
+        }
+        let stale = |i: usize| loaded.failed_mask & (1 << i) != 0;
+        let mut sources: Vec<usize> = (0..self.legs.len())
+            .filter(|&i| present[i] && !stale(i))
+            .collect();
+        if sources.is_empty() {
+            // Every present leg missed writes: the best left is any of them.
+            tracing::error!(
+                "no mirror leg is known to be current; resyncing from the first present leg"
+            );
+            sources = (0..self.legs.len())
+                .filter(|&i| present[i])
+                .take(1)
+                .collect();
+        }
+        let Some(&source) = sources.first() else {
+            return Err(self.too_many(IoOp::Read, 0));
+        };
+        let targets: Vec<usize> = (0..self.legs.len())
+            .filter(|&i| present[i] && i != source)
+            .collect();
+        let region = self.bitmap.region_size();
+        for r in &loaded.dirty {
+            let start = *r as u64 * region;
+            let end = (start + region).min(self.geometry.size_bytes);
+            self.copy_region(source, &targets, start, end).await?;
+        }
+        for &t in targets.iter().chain([&source]) {
+            self.legs[t].flush().await?;
+        }
+        let mut missing = 0u64;
+        for (i, &here) in present.iter().enumerate() {
+            if !here {
+                self.failed[i].store(true, Ordering::SeqCst);
+                missing |= 1 << i;
+            }
+        }
+        self.bitmap.resynced(missing).await?;
+        Ok(loaded.dirty.len())
+    }
+
+    fn health(&self) -> NodeHealth {
+        NodeHealth {
+            members: self.legs.len(),
+            failed: (0..self.legs.len())
+                .filter(|&i| self.is_failed(i))
+                .collect(),
+            tolerance: self.legs.len() - 1,
+            dirty_regions: self.bitmap.dirty_regions(),
+        }
+    }
+}

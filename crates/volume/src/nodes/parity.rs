@@ -1,0 +1,582 @@
+//! Parity (RAID 5 and RAID 6): rotating parity over `n` members, `d = n - level` data
+//! chunks per row.
+//!
+//! ```text
+//!   row 0:  D0  D1  D2  Q   P        P sits on member n-1-(row % n),
+//!   row 1:  D1  D2  Q   P   D0       Q (RAID 6) on the member after P,
+//!   row 2:  D2  Q   P   D0  D1       data chunks follow round the ring.
+//! ```
+//!
+//! Writes take the row's lock (parity is shared by the whole row). A small write reads the
+//! old data and parity and applies the difference (read-modify-write); a write covering
+//! most of a row reads the rest of the row and computes parity afresh; a full row is
+//! written without reading. A member that fails is read around: its chunks are rebuilt
+//! from the rest of the row. The write-intent bitmap makes a crash cost a resync of the
+//! dirty rows only, which closes the RAID 5 write hole.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::{join_all, try_join_all};
+use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
+use tokio::sync::Mutex;
+
+use super::bitmap::Bitmap;
+use super::{gather, gf, pieces, to_usize};
+use crate::spec::ParityLevel;
+use crate::tree::{NodeHealth, Redundant};
+
+const ROW_LOCKS: usize = 1024;
+
+pub(crate) struct Parity {
+    members: Vec<Arc<dyn BlockIo>>,
+    failed: Vec<AtomicBool>,
+    parity: usize,
+    data_width: usize,
+    chunk: u64,
+    bitmap: Bitmap,
+    row_locks: Vec<Mutex<()>>,
+    geometry: Geometry,
+}
+
+/// New data for part of one chunk of a row.
+struct Part {
+    /// Data chunk index in the row.
+    k: usize,
+    /// Offset inside the chunk.
+    at: u64,
+    data: Bytes,
+}
+
+/// The buffers of one row over a byte range, indexed by member; `None` is unknown.
+type RowBuffers = Vec<Option<Vec<u8>>>;
+
+impl Parity {
+    pub(crate) fn new(
+        level: ParityLevel,
+        chunk: u64,
+        members: Vec<Arc<dyn BlockIo>>,
+        bitmap_region: u64,
+        bitmap_copies: Vec<Arc<dyn BlockIo>>,
+    ) -> Self {
+        let parity = level.parity_members();
+        let data_width = members.len() - parity;
+        let member_size = members
+            .iter()
+            .map(|m| m.geometry().size_bytes)
+            .min()
+            .unwrap_or(0)
+            / chunk
+            * chunk;
+        let block_size = members
+            .iter()
+            .map(|m| m.geometry().block_size)
+            .max()
+            .unwrap_or(512);
+        let size_bytes = member_size * data_width as u64;
+        Self {
+            failed: members.iter().map(|_| AtomicBool::new(false)).collect(),
+            members,
+            parity,
+            data_width,
+            chunk,
+            bitmap: Bitmap::new(size_bytes, bitmap_region, bitmap_copies),
+            row_locks: (0..ROW_LOCKS).map(|_| Mutex::new(())).collect(),
+            geometry: Geometry {
+                block_size,
+                size_bytes,
+            },
+        }
+    }
+
+    fn n(&self) -> usize {
+        self.members.len()
+    }
+
+    fn p_member(&self, row: u64) -> usize {
+        self.n() - 1 - to_usize(row % self.n() as u64)
+    }
+
+    fn q_member(&self, row: u64) -> Option<usize> {
+        (self.parity == 2).then(|| (self.p_member(row) + 1) % self.n())
+    }
+
+    fn data_member(&self, row: u64, k: usize) -> usize {
+        (self.p_member(row) + self.parity + k) % self.n()
+    }
+
+    fn is_failed(&self, m: usize) -> bool {
+        self.failed[m].load(Ordering::Relaxed)
+    }
+
+    fn failed_count(&self) -> usize {
+        (0..self.n()).filter(|&m| self.is_failed(m)).count()
+    }
+
+    fn too_many(&self, op: IoOp, offset: u64) -> IoError {
+        IoError::TooManyFailures {
+            op,
+            offset,
+            failed: self.failed_count(),
+            children: self.n(),
+        }
+    }
+
+    async fn fail_member(&self, m: usize, error: &IoError) {
+        if !self.failed[m].swap(true, Ordering::SeqCst) {
+            tracing::warn!(member = m, %error, "parity member failed; continuing degraded");
+        }
+        if let Err(e) = self.bitmap.mark_failed(1 << m).await {
+            tracing::error!(member = m, error = %e, "cannot record the failed member in the bitmap");
+        }
+    }
+
+    /// After a device error: fails the member, or passes a request error through.
+    async fn absorb(&self, m: usize, error: IoError) -> Result<(), IoError> {
+        if error.is_request_error() {
+            return Err(error);
+        }
+        self.fail_member(m, &error).await;
+        if self.failed_count() > self.parity {
+            Err(self.too_many(IoOp::Write, 0))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn lock(&self, row: u64) -> &Mutex<()> {
+        &self.row_locks[to_usize(row % ROW_LOCKS as u64)]
+    }
+
+    /// Reads `[lo, lo + len)` of the row from every healthy member not in `skip`.
+    async fn read_row(
+        &self,
+        row: u64,
+        lo: u64,
+        len: u64,
+        skip: &[bool],
+    ) -> Result<RowBuffers, IoError> {
+        let base = row * self.chunk + lo;
+        let wanted: Vec<usize> = (0..self.n())
+            .filter(|&m| !skip[m] && !self.is_failed(m))
+            .collect();
+        let reads = join_all(wanted.iter().map(|&m| self.members[m].read(base, len))).await;
+        let mut bufs: RowBuffers = vec![None; self.n()];
+        for (&m, read) in wanted.iter().zip(reads) {
+            match read {
+                Ok(data) => bufs[m] = Some(data.to_vec()),
+                Err(e) => self.absorb(m, e).await?,
+            }
+        }
+        Ok(bufs)
+    }
+
+    /// Fills every `None` in `bufs` from the rest of the row; false if too many are unknown.
+    fn solve(&self, row: u64, bufs: &mut RowBuffers, len: u64) -> bool {
+        let mut data: Vec<Option<Vec<u8>>> = (0..self.data_width)
+            .map(|k| bufs[self.data_member(row, k)].take())
+            .collect();
+        let mut p = bufs[self.p_member(row)].take();
+        let mut q = self.q_member(row).and_then(|m| bufs[m].take());
+        let solved = gf::reconstruct(&mut data, &mut p, &mut q, self.parity == 2, to_usize(len));
+        for (k, d) in data.into_iter().enumerate() {
+            bufs[self.data_member(row, k)] = d;
+        }
+        bufs[self.p_member(row)] = p;
+        if let Some(qm) = self.q_member(row) {
+            bufs[qm] = q;
+        }
+        solved
+    }
+
+    /// Reads one piece of data chunk `k`, rebuilding it from the row if its member failed.
+    async fn read_piece(&self, row: u64, k: usize, at: u64, len: u64) -> Result<Bytes, IoError> {
+        let m = self.data_member(row, k);
+        if !self.is_failed(m) {
+            match self.members[m].read(row * self.chunk + at, len).await {
+                Ok(data) => return Ok(data),
+                Err(e) => self.absorb(m, e).await?,
+            }
+        }
+        let _row = self.lock(row).lock().await;
+        let mut bufs = self.read_row(row, at, len, &vec![false; self.n()]).await?;
+        if !self.solve(row, &mut bufs, len) {
+            return Err(self.too_many(IoOp::Read, row));
+        }
+        Ok(Bytes::from(bufs[m].take().expect("solved")))
+    }
+
+    /// Writes parts of one row, keeping its parity right.
+    async fn write_row(
+        &self,
+        row: u64,
+        parts: Vec<Part>,
+        durability: Durability,
+    ) -> Result<(), IoError> {
+        let _row = self.lock(row).lock().await;
+        let lo = parts.iter().map(|p| p.at).min().expect("at least one part");
+        let hi = parts
+            .iter()
+            .map(|p| p.at + p.data.len() as u64)
+            .max()
+            .expect("at least one part");
+        let len = hi - lo;
+        let full: Vec<bool> = (0..self.data_width)
+            .map(|k| {
+                parts
+                    .iter()
+                    .any(|p| p.k == k && p.at == lo && p.data.len() as u64 == len)
+            })
+            .collect();
+        let healthy = self.failed_count() == 0;
+        let rmw_reads = parts.len() + self.parity;
+        let rcw_reads = full.iter().filter(|f| !**f).count();
+        if healthy && rmw_reads < rcw_reads {
+            if let Some(writes) = self.read_modify_write(row, &parts, lo, len).await? {
+                return self.write_members(row, writes, durability).await;
+            }
+        }
+        // Reconstruct-write: know the whole row over [lo, hi), overlay, recompute parity.
+        let mut skip = vec![false; self.n()];
+        if healthy {
+            // Parity will be recomputed and fully covered chunks overwritten: skip reading them.
+            skip[self.p_member(row)] = true;
+            if let Some(q) = self.q_member(row) {
+                skip[q] = true;
+            }
+            (0..self.data_width)
+                .filter(|&k| full[k])
+                .for_each(|k| skip[self.data_member(row, k)] = true);
+        }
+        let mut bufs = self.read_row(row, lo, len, &skip).await?;
+        if (0..self.n()).any(|m| bufs[m].is_none() && !skip[m]) {
+            // A member is missing: read everything and rebuild the unknown chunks.
+            if healthy {
+                bufs = self.read_row(row, lo, len, &vec![false; self.n()]).await?;
+            }
+            if !self.solve(row, &mut bufs, len) {
+                return Err(self.too_many(IoOp::Write, row * self.chunk));
+            }
+        }
+        let mut data: Vec<Vec<u8>> = (0..self.data_width)
+            .map(|k| {
+                bufs[self.data_member(row, k)]
+                    .take()
+                    .unwrap_or_else(|| vec![0; to_usize(len)])
+            })
+            .collect();
+        for part in &parts {
+            let at = to_usize(part.at - lo);
+            data[part.k][at..at + part.data.len()].copy_from_slice(&part.data);
+        }
+        let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        let (p, q) = gf::compute(&refs, self.parity == 2);
+        let mut writes: Vec<(usize, u64, Bytes)> = parts
+            .iter()
+            .map(|part| (self.data_member(row, part.k), part.at, part.data.clone()))
+            .collect();
+        writes.push((self.p_member(row), lo, Bytes::from(p)));
+        if let (Some(qm), Some(q)) = (self.q_member(row), q) {
+            writes.push((qm, lo, Bytes::from(q)));
+        }
+        self.write_members(row, writes, durability).await
+    }
+
+    /// Reads old data and parity and computes the new parity from the difference. Returns
+    /// `None` if a member failed on the way (the caller falls back to reconstruct-write).
+    async fn read_modify_write(
+        &self,
+        row: u64,
+        parts: &[Part],
+        lo: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(usize, u64, Bytes)>>, IoError> {
+        let base = row * self.chunk;
+        let mut targets: Vec<(usize, u64, u64)> = parts
+            .iter()
+            .map(|p| (self.data_member(row, p.k), p.at, p.data.len() as u64))
+            .collect();
+        targets.push((self.p_member(row), lo, len));
+        if let Some(q) = self.q_member(row) {
+            targets.push((q, lo, len));
+        }
+        let reads = join_all(
+            targets
+                .iter()
+                .map(|&(m, at, n)| self.members[m].read(base + at, n)),
+        )
+        .await;
+        let mut old = Vec::with_capacity(reads.len());
+        for (&(m, _, _), read) in targets.iter().zip(reads) {
+            match read {
+                Ok(data) => old.push(data),
+                Err(e) => {
+                    self.absorb(m, e).await?;
+                    return Ok(None);
+                }
+            }
+        }
+        let mut p = old[parts.len()].to_vec();
+        let mut q = (self.parity == 2).then(|| old[parts.len() + 1].to_vec());
+        for (part, old) in parts.iter().zip(&old) {
+            let mut delta = old.to_vec();
+            gf::xor_into(&mut delta, &part.data);
+            let at = to_usize(part.at - lo);
+            gf::xor_into(&mut p[at..at + delta.len()], &delta);
+            if let Some(q) = &mut q {
+                gf::mul_xor_into(&mut q[at..at + delta.len()], &delta, gf::pow2(part.k));
+            }
+        }
+        let mut writes: Vec<(usize, u64, Bytes)> = parts
+            .iter()
+            .map(|part| (self.data_member(row, part.k), part.at, part.data.clone()))
+            .collect();
+        writes.push((self.p_member(row), lo, Bytes::from(p)));
+        if let (Some(qm), Some(q)) = (self.q_member(row), q) {
+            writes.push((qm, lo, Bytes::from(q)));
+        }
+        Ok(Some(writes))
+    }
+
+    /// Issues chunk writes `(member, offset in chunk, data)` to healthy members.
+    async fn write_members(
+        &self,
+        row: u64,
+        writes: Vec<(usize, u64, Bytes)>,
+        durability: Durability,
+    ) -> Result<(), IoError> {
+        let base = row * self.chunk;
+        let writes: Vec<_> = writes
+            .into_iter()
+            .filter(|(m, _, _)| !self.is_failed(*m))
+            .collect();
+        let results = join_all(
+            writes
+                .iter()
+                .map(|(m, at, data)| self.members[*m].write(base + at, data.clone(), durability)),
+        )
+        .await;
+        for ((m, _, _), result) in writes.iter().zip(results) {
+            if let Err(e) = result {
+                self.absorb(*m, e).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits a request into rows: `(row, parts)`.
+    fn rows(&self, offset: u64, data: &Bytes) -> Vec<(u64, Vec<Part>)> {
+        let mut rows: Vec<(u64, Vec<Part>)> = Vec::new();
+        for piece in pieces(offset, data.len() as u64, self.chunk) {
+            let row = piece.unit / self.data_width as u64;
+            let k = to_usize(piece.unit % self.data_width as u64);
+            let start = to_usize(piece.offset_in_request);
+            let part = Part {
+                k,
+                at: piece.offset_in_unit,
+                data: data.slice(start..start + to_usize(piece.len)),
+            };
+            match rows.last_mut() {
+                Some((r, parts)) if *r == row => parts.push(part),
+                _ => rows.push((row, vec![part])),
+            }
+        }
+        rows
+    }
+
+    /// Discard or write-zeroes: whole rows go to every member at once (zero data has zero
+    /// parity, and a run of rows is one contiguous range on each member); the partial rows
+    /// at either end are written as zeroes through the parity path.
+    async fn zero_range(&self, op: IoOp, offset: u64, len: u64) -> Result<(), IoError> {
+        self.geometry.check(op, offset, len)?;
+        let _guard = self.bitmap.start_write(offset, len).await?;
+        let row_bytes = self.chunk * self.data_width as u64;
+        let end = offset + len;
+        let first_full = offset.div_ceil(row_bytes);
+        let end_full = (end / row_bytes).max(first_full);
+        let mut partial = Vec::new();
+        if first_full == end_full {
+            partial.push((offset, end));
+        } else {
+            partial.push((offset, first_full * row_bytes));
+            partial.push((end_full * row_bytes, end));
+        }
+        for (from, to) in partial.into_iter().filter(|(from, to)| from < to) {
+            let zeroes = strata_block::zeroes(to - from);
+            for (row, parts) in self.rows(from, &zeroes) {
+                self.write_row(row, parts, Durability::Cached).await?;
+            }
+        }
+        if first_full < end_full {
+            let _rows = self.lock_rows(first_full, end_full).await;
+            let (base, n) = (
+                first_full * self.chunk,
+                (end_full - first_full) * self.chunk,
+            );
+            let live: Vec<usize> = (0..self.n()).filter(|&m| !self.is_failed(m)).collect();
+            let results = join_all(live.iter().map(|&m| match op {
+                IoOp::Discard => self.members[m].discard(base, n),
+                _ => self.members[m].write_zeroes(base, n),
+            }))
+            .await;
+            for (&m, result) in live.iter().zip(results) {
+                if let Err(e) = result {
+                    self.absorb(m, e).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Locks every row in `[first, end)`, in lock order so two callers cannot deadlock.
+    async fn lock_rows(&self, first: u64, end: u64) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut indexes: Vec<usize> = if end - first >= ROW_LOCKS as u64 {
+            (0..ROW_LOCKS).collect()
+        } else {
+            (first..end)
+                .map(|r| to_usize(r % ROW_LOCKS as u64))
+                .collect()
+        };
+        indexes.sort_unstable();
+        indexes.dedup();
+        let mut guards = Vec::with_capacity(indexes.len());
+        for i in indexes {
+            guards.push(self.row_locks[i].lock().await);
+        }
+        guards
+    }
+
+    /// Makes one row consistent again: rebuilds `stale` members, or recomputes parity when
+    /// none is stale.
+    async fn resync_row(&self, row: u64, stale: &[usize]) -> Result<(), IoError> {
+        let _row = self.lock(row).lock().await;
+        let mut skip = vec![false; self.n()];
+        let rebuild: Vec<usize> = if stale.is_empty() {
+            std::iter::once(self.p_member(row))
+                .chain(self.q_member(row))
+                .collect()
+        } else {
+            stale.to_vec()
+        };
+        rebuild.iter().for_each(|&m| skip[m] = true);
+        let mut bufs = self.read_row(row, 0, self.chunk, &skip).await?;
+        if !self.solve(row, &mut bufs, self.chunk) {
+            return Err(self.too_many(IoOp::Read, row * self.chunk));
+        }
+        let writes = rebuild
+            .iter()
+            .filter(|&&m| !self.is_failed(m))
+            .map(|&m| (m, 0, Bytes::from(bufs[m].take().expect("solved"))))
+            .collect();
+        self.write_members(row, writes, Durability::Cached).await
+    }
+}
+
+#[async_trait]
+impl BlockIo for Parity {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
+        self.geometry.check(IoOp::Read, offset, len)?;
+        let d = self.data_width as u64;
+        let parts =
+            try_join_all(pieces(offset, len, self.chunk).map(|p| {
+                self.read_piece(p.unit / d, to_usize(p.unit % d), p.offset_in_unit, p.len)
+            }))
+            .await?;
+        Ok(gather(parts))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
+        self.geometry
+            .check(IoOp::Write, offset, data.len() as u64)?;
+        let _guard = self.bitmap.start_write(offset, data.len() as u64).await?;
+        try_join_all(
+            self.rows(offset, &data)
+                .into_iter()
+                .map(|(row, parts)| self.write_row(row, parts, durability)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        let mark = self.bitmap.flush_mark();
+        let live: Vec<usize> = (0..self.n()).filter(|&m| !self.is_failed(m)).collect();
+        let results = join_all(live.iter().map(|&m| self.members[m].flush())).await;
+        for (&m, result) in live.iter().zip(results) {
+            if let Err(e) = result {
+                self.absorb(m, e).await?;
+            }
+        }
+        self.bitmap.after_flush(mark).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.zero_range(IoOp::Discard, offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.zero_range(IoOp::WriteZeroes, offset, len).await
+    }
+}
+
+#[async_trait]
+impl Redundant for Parity {
+    async fn initialize(&self) -> Result<(), IoError> {
+        self.bitmap.initialize().await
+    }
+
+    async fn recover(&self) -> Result<usize, IoError> {
+        let loaded = self.bitmap.load().await;
+        let bs = u64::from(self.geometry.block_size);
+        let mut missing = 0u64;
+        for (m, member) in self.members.iter().enumerate() {
+            if member.read(0, bs).await.is_err() {
+                self.failed[m].store(true, Ordering::SeqCst);
+                missing |= 1 << m;
+            }
+        }
+        let stale: Vec<usize> = (0..self.n())
+            .filter(|&m| loaded.failed_mask & (1 << m) != 0 && missing & (1 << m) == 0)
+            .collect();
+        if missing != 0 && stale.is_empty() {
+            // Degraded: parity cannot be checked without the missing member. The bits stay
+            // set until it returns.
+            self.bitmap.resynced(missing).await?;
+            return Ok(0);
+        }
+        let row_bytes = self.chunk * self.data_width as u64;
+        let region = self.bitmap.region_size();
+        let mut rows = BTreeSet::new();
+        for r in &loaded.dirty {
+            let start = *r as u64 * region;
+            let end = (start + region).min(self.geometry.size_bytes);
+            rows.extend(start / row_bytes..end.div_ceil(row_bytes));
+        }
+        for &row in &rows {
+            self.resync_row(row, &stale).await?;
+        }
+        for (m, member) in self.members.iter().enumerate() {
+            if missing & (1 << m) == 0 {
+                member.flush().await?;
+            }
+        }
+        self.bitmap.resynced(missing).await?;
+        Ok(loaded.dirty.len())
+    }
+
+    fn health(&self) -> NodeHealth {
+        NodeHealth {
+            members: self.n(),
+            failed: (0..self.n()).filter(|&m| self.is_failed(m)).collect(),
+            tolerance: self.parity,
+            dirty_regions: self.bitmap.dirty_regions(),
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! A live volume tree: built from its [`NodeSpec`], recovered after a crash, and served
+//! as one [`BlockIo`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
+
+use crate::nodes::bitmap::Bitmap;
+use crate::nodes::concat::Concat;
+use crate::nodes::extent::{Extent, Missing};
+use crate::nodes::mirror::Mirror;
+use crate::nodes::parity::Parity;
+use crate::nodes::stripe::Stripe;
+use crate::spec::{BitmapSpec, DeviceId, NodeSpec};
+
+/// Mirror and parity nodes: the ones with members that can fail and a bitmap to recover.
+#[async_trait]
+pub(crate) trait Redundant: Send + Sync {
+    /// Writes a clean bitmap: the node has just been made and its members agree.
+    async fn initialize(&self) -> Result<(), IoError>;
+    /// Reads the bitmap and resyncs the dirty regions; returns how many there were.
+    async fn recover(&self) -> Result<usize, IoError>;
+    /// Members, failures and dirty regions right now.
+    fn health(&self) -> NodeHealth;
+}
+
+/// The state of one mirror or parity node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    /// Number of members (legs).
+    pub members: usize,
+    /// Indexes of failed members.
+    pub failed: Vec<usize>,
+    /// How many members may fail without losing data.
+    pub tolerance: usize,
+    /// Regions marked in the write-intent bitmap.
+    pub dirty_regions: usize,
+}
+
+/// Overall state of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// Every member of every redundant node is working.
+    Healthy,
+    /// Some members failed; all data is still readable.
+    Degraded,
+    /// A node lost more members than it can cover, or a non-redundant device is gone.
+    Failed,
+}
+
+/// Why a tree cannot be built from its description (corrupt or inconsistent metadata).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// An extent reaches past the end of its device.
+    #[error(
+        "Extent at {offset}+{length} is beyond the end of device {device} ({device_size} bytes)"
+    )]
+    ExtentOutOfRange {
+        /// The device.
+        device: DeviceId,
+        /// Extent start.
+        offset: u64,
+        /// Extent length.
+        length: u64,
+        /// Device size.
+        device_size: u64,
+    },
+    /// A node that is malformed in itself.
+    #[error("Malformed {node} node: {reason}")]
+    Malformed {
+        /// Node kind.
+        node: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A volume tree ready for IO.
+pub struct Tree {
+    spec: NodeSpec,
+    size: u64,
+    root: Arc<dyn BlockIo>,
+    redundant: Vec<Arc<dyn Redundant>>,
+    missing: bool,
+}
+
+/// Finds the live device for an id; `None` if it is not present.
+pub type DeviceLookup<'a> = &'a dyn Fn(DeviceId) -> Option<Arc<dyn BlockIo>>;
+
+struct Builder<'a> {
+    lookup: DeviceLookup<'a>,
+    redundant: Vec<Arc<dyn Redundant>>,
+    missing: bool,
+}
+
+fn malformed(node: &'static str, reason: impl Into<String>) -> BuildError {
+    BuildError::Malformed {
+        node,
+        reason: reason.into(),
+    }
+}
+
+impl Builder<'_> {
+    fn node(&mut self, spec: &NodeSpec) -> Result<Arc<dyn BlockIo>, BuildError> {
+        Ok(match spec {
+            NodeSpec::Extent {
+                device,
+                offset,
+                length,
+            } => match (self.lookup)(*device) {
+                Some(dev) => {
+                    let g = dev.geometry();
+                    let bs = u64::from(g.block_size);
+                    if offset
+                        .checked_add(*length)
+                        .is_none_or(|end| end > g.size_bytes)
+                    {
+                        return Err(BuildError::ExtentOutOfRange {
+                            device: *device,
+                            offset: *offset,
+                            length: *length,
+                            device_size: g.size_bytes,
+                        });
+                    }
+                    if *length == 0 || offset % bs != 0 || length % bs != 0 {
+                        return Err(malformed(
+                            "extent",
+                            format!("{offset}+{length} is not aligned to {bs} bytes"),
+                        ));
+                    }
+                    Arc::new(Extent::new(dev, *offset, *length))
+                }
+                None => {
+                    self.missing = true;
+                    Arc::new(Missing::new(device.to_string(), *length))
+                }
+            },
+            NodeSpec::Concat { children } => {
+                if children.is_empty() {
+                    return Err(malformed("concat", "no children"));
+                }
+                Arc::new(Concat::new(self.children(children)?))
+            }
+            NodeSpec::Stripe { chunk, children } => {
+                check_members("stripe", children, 2, Some(*chunk))?;
+                Arc::new(Stripe::new(*chunk, self.children(children)?))
+            }
+            NodeSpec::Mirror { children, bitmap } => {
+                check_members("mirror", children, 1, None)?;
+                let copies = self.bitmap(spec.size(), bitmap)?;
+                let node = Arc::new(Mirror::new(
+                    self.children(children)?,
+                    bitmap.region_size,
+                    copies,
+                ));
+                self.redundant.push(node.clone());
+                node
+            }
+            NodeSpec::Parity {
+                level,
+                chunk,
+                children,
+                bitmap,
+            } => {
+                check_members("parity", children, level.parity_members() + 2, Some(*chunk))?;
+                let copies = self.bitmap(spec.size(), bitmap)?;
+                let members = self.children(children)?;
+                let node = Arc::new(Parity::new(
+                    *level,
+                    *chunk,
+                    members,
+                    bitmap.region_size,
+                    copies,
+                ));
+                self.redundant.push(node.clone());
+                node
+            }
+        })
+    }
+
+    fn children(&mut self, specs: &[NodeSpec]) -> Result<Vec<Arc<dyn BlockIo>>, BuildError> {
+        specs.iter().map(|s| self.node(s)).collect()
+    }
+
+    fn bitmap(
+        &mut self,
+        node_size: u64,
+        spec: &BitmapSpec,
+    ) -> Result<Vec<Arc<dyn BlockIo>>, BuildError> {
+        if spec.copies.is_empty() || !spec.region_size.is_power_of_two() || spec.region_size < 4096
+        {
+            return Err(malformed(
+                "bitmap",
+                format!(
+                    "region {} with {} copies",
+                    spec.region_size,
+                    spec.copies.len()
+                ),
+            ));
+        }
+        let missing = self.missing;
+        let copies = self.children(&spec.copies)?;
+        // A missing bitmap copy alone does not make the volume degraded.
+        self.missing = missing;
+        let need = Bitmap::new(node_size, spec.region_size, copies.clone()).encoded_len();
+        if let Some(small) = spec.copies.iter().find(|c| c.size() < need) {
+            return Err(malformed(
+                "bitmap",
+                format!(
+                    "copy of {} bytes is smaller than the {need} bytes needed",
+                    small.size()
+                ),
+            ));
+        }
+        Ok(copies)
+    }
+}
+
+fn check_members(
+    node: &'static str,
+    children: &[NodeSpec],
+    min: usize,
+    chunk: Option<u64>,
+) -> Result<(), BuildError> {
+    if children.len() < min || children.len() > 64 {
+        return Err(malformed(
+            node,
+            format!(
+                "{} children; between {min} and 64 are allowed",
+                children.len()
+            ),
+        ));
+    }
+    if let Some(chunk) = chunk {
+        if !chunk.is_power_of_two() || chunk < 512 {
+            return Err(malformed(
+                node,
+                format!("chunk {chunk} is not a power of two of at least 512"),
+            ));
+        }
+        if children.iter().any(|c| c.size() < chunk) {
+            return Err(malformed(node, "a child is smaller than one chunk"));
+        }
+    }
+    let first = children[0].size();
+    if children.iter().any(|c| c.size() != first) {
+        return Err(malformed(node, "children differ in size"));
+    }
+    Ok(())
+}
+
+impl Tree {
+    fn build(spec: NodeSpec, size: u64, lookup: DeviceLookup<'_>) -> Result<Self, BuildError> {
+        let mut builder = Builder {
+            lookup,
+            redundant: Vec::new(),
+            missing: false,
+        };
+        let root = builder.node(&spec)?;
+        let g = root.geometry();
+        if size == 0 || size > g.size_bytes || size % u64::from(g.block_size) != 0 {
+            return Err(malformed(
+                "volume",
+                format!("size {size} does not fit the {}-byte tree", g.size_bytes),
+            ));
+        }
+        Ok(Self {
+            spec,
+            size,
+            root,
+            redundant: builder.redundant,
+            missing: builder.missing,
+        })
+    }
+
+    /// Builds a tree on newly allocated space and writes its clean bitmaps. The data of a
+    /// new volume is whatever the extents held: members of a mirror or parity set agree
+    /// once every block has been written, so hosts must not read before writing.
+    pub async fn create(
+        spec: NodeSpec,
+        size: u64,
+        lookup: DeviceLookup<'_>,
+    ) -> Result<Self, TreeError> {
+        let tree = Self::build(spec, size, lookup)?;
+        tree.zero_fill().await?;
+        for node in &tree.redundant {
+            node.initialize().await?;
+        }
+        Ok(tree)
+    }
+
+    /// Opens an existing tree: builds it and resyncs what its bitmaps say may differ.
+    pub async fn open(
+        spec: NodeSpec,
+        size: u64,
+        lookup: DeviceLookup<'_>,
+    ) -> Result<Self, TreeError> {
+        let tree = Self::build(spec, size, lookup)?;
+        for node in &tree.redundant {
+            let dirty = node.recover().await?;
+            if dirty > 0 {
+                tracing::info!(dirty, "resynced dirty regions");
+            }
+        }
+        Ok(tree)
+    }
+
+    /// Zeroes the new tree through its nodes so every copy and every parity agrees.
+    async fn zero_fill(&self) -> Result<(), IoError> {
+        if self.redundant.is_empty() {
+            return Ok(());
+        }
+        let size = self.root.geometry().size_bytes;
+        let step = 64 << 20;
+        let mut at = 0;
+        while at < size {
+            let n = step.min(size - at);
+            self.root.write_zeroes(at, n).await?;
+            at += n;
+        }
+        self.root.flush().await
+    }
+
+    /// The description this tree was built from.
+    pub fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    /// The state of every mirror and parity node.
+    pub fn node_health(&self) -> Vec<NodeHealth> {
+        self.redundant.iter().map(|n| n.health()).collect()
+    }
+
+    /// Healthy, degraded or failed.
+    pub fn state(&self) -> VolumeState {
+        let nodes = self.node_health();
+        if nodes.iter().any(|n| n.failed.len() > n.tolerance) || (self.missing && nodes.is_empty())
+        {
+            VolumeState::Failed
+        } else if self.missing || nodes.iter().any(|n| !n.failed.is_empty()) {
+            VolumeState::Degraded
+        } else {
+            VolumeState::Healthy
+        }
+    }
+}
+
+/// Why a tree could not be created or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    /// The description is inconsistent.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// Writing bitmaps or resyncing failed.
+    #[error("Volume recovery failed")]
+    Io(#[from] IoError),
+}
+
+#[async_trait]
+impl BlockIo for Tree {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            block_size: self.root.geometry().block_size,
+            size_bytes: self.size,
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
+        self.geometry().check(IoOp::Read, offset, len)?;
+        self.root.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
+        self.geometry()
+            .check(IoOp::Write, offset, data.len() as u64)?;
+        self.root.write(offset, data, durability).await
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        self.root.flush().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.geometry().check(IoOp::Discard, offset, len)?;
+        self.root.discard(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.geometry().check(IoOp::WriteZeroes, offset, len)?;
+        self.root.write_zeroes(offset, len).await
+    }
+}
