@@ -188,7 +188,11 @@ impl Bitmap {
     pub(crate) async fn initialize(&self) -> Result<(), IoError> {
         let mut io = self.io.lock().await;
         let bits = vec![0; self.regions.div_ceil(64)];
-        self.persist(&mut io, &bits, 0).await
+        self.persist(&mut io, &bits, 0).await?;
+        let mut state = self.state.lock();
+        state.durable = bits;
+        state.failed_mask = 0;
+        Ok(())
     }
 
     /// Reads every copy and adopts the newest valid one.

@@ -1,0 +1,365 @@
+//! Rediscovery: a controller that starts with nothing but device paths rebuilds the pool
+//! and every volume from what is written on the devices.
+//!
+//! ```text
+//!   candidates ─▶ read both label copies ─┬─ no magic in either ─▶ unclaimed (never written)
+//!                                         ├─ all copies corrupt ─▶ damaged (left untouched)
+//!                                         ├─ other pool ─────────▶ foreign (left untouched)
+//!                                         └─ member ─▶ read both metadata slots
+//!   newest valid configuration among the config replicas ─▶ open every volume tree
+//!   (resync dirty regions) ─▶ repair bad label copies, rewrite lagging or torn slots
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use strata_block::{BlockIo, Durability, FileDevice, FileOptions, IoError};
+use strata_volume::Tree;
+use uuid::Uuid;
+
+use crate::config::{DeviceMetadata, PoolConfig};
+use crate::error::PoolError;
+use crate::label::{LABEL_SIZE, Label, LabelError, back_offset};
+use crate::pool::{Member, Pool, State};
+use crate::slot::{self, SLOT_HEADER, SlotError};
+
+/// What a scan of the candidate devices found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Discovery {
+    /// Member devices in use, by name.
+    pub members: Vec<String>,
+    /// Devices without a Strata label: free to claim, never written until claimed.
+    pub unclaimed: Vec<String>,
+    /// Devices with a Strata label that cannot be read, and why; left untouched.
+    pub damaged: Vec<(String, String)>,
+    /// Devices of another pool (or not in this pool's configuration); left untouched.
+    pub foreign: Vec<(String, Uuid)>,
+    /// Repairs made: a label copy rewritten, a torn metadata slot rewritten.
+    pub repaired: Vec<String>,
+    /// Configured devices that were not found.
+    pub missing: Vec<Uuid>,
+    /// Volumes that could not be opened, and why.
+    pub failed_volumes: Vec<(String, String)>,
+}
+
+/// What the two label copies of a device say.
+pub(crate) enum LabelScan {
+    /// Neither copy has the Strata magic.
+    Blank,
+    /// At least one copy is valid; `repair` names the copy to rewrite.
+    Valid {
+        label: Label,
+        repair: Option<(u32, String)>,
+    },
+    /// Copies carry the magic but none is valid.
+    Damaged(String),
+}
+
+async fn read_copy(io: &dyn BlockIo, offset: u64) -> Result<Label, String> {
+    match io.read(offset, LABEL_SIZE).await {
+        Ok(raw) => Label::decode(&raw).map_err(|e| match e {
+            LabelError::NoMagic => "no magic".to_string(),
+            other => other.to_string(),
+        }),
+        Err(e) => Err(format!("cannot be read: {e}")),
+    }
+}
+
+/// Reads and judges both label copies.
+pub(crate) async fn read_labels(io: &dyn BlockIo) -> LabelScan {
+    let size = io.geometry().size_bytes;
+    if size < 2 * LABEL_SIZE {
+        return LabelScan::Blank;
+    }
+    let front = read_copy(io, 0).await;
+    let back_at = match &front {
+        Ok(label) if label.back_offset() + LABEL_SIZE <= size => label.back_offset(),
+        _ => back_offset(size),
+    };
+    let back = read_copy(io, back_at).await;
+    match (front, back) {
+        (Ok(f), Ok(b)) if f == b => LabelScan::Valid {
+            label: f,
+            repair: None,
+        },
+        (Ok(f), Ok(b)) => {
+            let (label, stale) = if b.generation > f.generation {
+                (b, 0)
+            } else {
+                (f, 1)
+            };
+            LabelScan::Valid {
+                label,
+                repair: Some((stale, "label copies disagree".into())),
+            }
+        }
+        (Ok(label), Err(why)) => LabelScan::Valid {
+            label,
+            repair: Some((1, format!("back label copy: {why}"))),
+        },
+        (Err(why), Ok(label)) => LabelScan::Valid {
+            label,
+            repair: Some((0, format!("front label copy: {why}"))),
+        },
+        (Err(f), Err(b)) if f == "no magic" && b == "no magic" => LabelScan::Blank,
+        (Err(f), Err(b)) => LabelScan::Damaged(format!("front copy: {f}; back copy: {b}")),
+    }
+}
+
+/// Writes label copy `copy` (0 front, 1 back).
+async fn write_copy(io: &dyn BlockIo, label: &Label, copy: u32) -> Result<(), IoError> {
+    let at = if copy == 0 { 0 } else { label.back_offset() };
+    io.write(at, Bytes::from(label.encode(copy)), Durability::Fua)
+        .await
+}
+
+/// Writes both label copies.
+pub(crate) async fn write_labels(io: &dyn BlockIo, label: &Label) -> Result<(), IoError> {
+    write_copy(io, label, 0).await?;
+    write_copy(io, label, 1).await
+}
+
+/// Erases the labels and metadata area so the device reads as unclaimed.
+pub(crate) async fn wipe(io: &dyn BlockIo, label: &Label) -> Result<(), IoError> {
+    io.write_zeroes(label.metadata_offset, 2 * label.slot_size)
+        .await?;
+    let zero = strata_block::zeroes(LABEL_SIZE);
+    io.write(label.back_offset(), zero.clone(), Durability::Fua)
+        .await?;
+    io.write(0, zero, Durability::Fua).await
+}
+
+/// One metadata slot as found.
+enum SlotRead {
+    Valid(u64, DeviceMetadata),
+    Empty,
+    Bad(String),
+}
+
+async fn read_slot(io: &dyn BlockIo, label: &Label, index: u64) -> SlotRead {
+    let bs = u64::from(io.geometry().block_size);
+    let at = label.metadata_offset + index * label.slot_size;
+    let header = match io.read(at, bs.max(SLOT_HEADER as u64)).await {
+        Ok(raw) => raw,
+        Err(e) => return SlotRead::Bad(format!("cannot be read: {e}")),
+    };
+    let len = match slot::decode_header(&header) {
+        Ok((_, len)) => len,
+        Err(SlotError::Empty) => return SlotRead::Empty,
+        Err(e) => return SlotRead::Bad(e.to_string()),
+    };
+    let total = (SLOT_HEADER as u64)
+        .saturating_add(len)
+        .div_ceil(bs)
+        .saturating_mul(bs);
+    if total > label.slot_size {
+        return SlotRead::Bad(SlotError::Length(len).to_string());
+    }
+    let raw = match io.read(at, total).await {
+        Ok(raw) => raw,
+        Err(e) => return SlotRead::Bad(format!("cannot be read: {e}")),
+    };
+    match slot::decode(&raw) {
+        Ok((generation, payload)) => match serde_json::from_slice::<DeviceMetadata>(payload) {
+            Ok(m)
+                if m.device_id == label.device_id
+                    && m.pool_id == label.pool_id
+                    && m.generation == generation =>
+            {
+                SlotRead::Valid(generation, m)
+            }
+            Ok(_) => SlotRead::Bad("records belong to another device".into()),
+            Err(e) => SlotRead::Bad(format!("records do not parse: {e}")),
+        },
+        Err(e) => SlotRead::Bad(e.to_string()),
+    }
+}
+
+struct Found {
+    name: String,
+    io: Arc<dyn BlockIo>,
+    label: Label,
+    label_repair: Option<(u32, String)>,
+    newest: Option<(u64, DeviceMetadata)>,
+    bad_slots: Vec<String>,
+}
+
+impl Pool {
+    /// Rebuilds the pool from candidate devices. Returns no pool if none of them is a
+    /// member of one; the report says what every candidate turned out to be.
+    pub async fn open(
+        candidates: Vec<(String, Arc<dyn BlockIo>)>,
+    ) -> Result<(Option<Pool>, Discovery), PoolError> {
+        let mut report = Discovery::default();
+        let mut found: Vec<Found> = Vec::new();
+        for (name, io) in candidates {
+            match read_labels(io.as_ref()).await {
+                LabelScan::Blank => report.unclaimed.push(name),
+                LabelScan::Damaged(why) => {
+                    tracing::error!(device = %name, reason = %why, "every label copy is bad; device left untouched");
+                    report.damaged.push((name, why));
+                }
+                LabelScan::Valid { label, repair } => {
+                    let mut newest: Option<(u64, DeviceMetadata)> = None;
+                    let mut bad_slots = Vec::new();
+                    for index in 0..2 {
+                        match read_slot(io.as_ref(), &label, index).await {
+                            SlotRead::Valid(g, m) => {
+                                if newest.as_ref().is_none_or(|(n, _)| g > *n) {
+                                    newest = Some((g, m));
+                                }
+                            }
+                            SlotRead::Empty => {}
+                            SlotRead::Bad(why) => {
+                                bad_slots.push(format!("metadata slot {index}: {why}"))
+                            }
+                        }
+                    }
+                    found.push(Found {
+                        name,
+                        io,
+                        label,
+                        label_repair: repair,
+                        newest,
+                        bad_slots,
+                    });
+                }
+            }
+        }
+        // One pool per controller: the one with the most devices here.
+        let mut counts: BTreeMap<Uuid, usize> = BTreeMap::new();
+        found
+            .iter()
+            .for_each(|f| *counts.entry(f.label.pool_id).or_default() += 1);
+        let Some(pool_id) = counts.iter().max_by_key(|(_, n)| **n).map(|(id, _)| *id) else {
+            return Ok((None, report));
+        };
+        let (ours, others): (Vec<Found>, Vec<Found>) =
+            found.into_iter().partition(|f| f.label.pool_id == pool_id);
+        report
+            .foreign
+            .extend(others.into_iter().map(|f| (f.name, f.label.pool_id)));
+        let config: PoolConfig = ours
+            .iter()
+            .filter_map(|f| f.newest.as_ref().and_then(|(_, m)| m.config.clone()))
+            .max_by_key(|c| c.generation)
+            .ok_or(PoolError::NoConfig {
+                pool: pool_id,
+                members: ours.len(),
+            })?;
+
+        let mut members = BTreeMap::new();
+        let mut rewrite = false;
+        for f in ours {
+            if !config.devices.iter().any(|d| d.id == f.label.device_id) {
+                tracing::warn!(device = %f.name, "labelled for this pool but not in its configuration; left untouched");
+                report.foreign.push((f.name, pool_id));
+                continue;
+            }
+            if let Some((copy, why)) = &f.label_repair {
+                write_copy(f.io.as_ref(), &f.label, *copy)
+                    .await
+                    .map_err(|source| PoolError::Io {
+                        device: f.name.clone(),
+                        source,
+                    })?;
+                report.repaired.push(format!("{}: rewrote {why}", f.name));
+            }
+            for why in &f.bad_slots {
+                report.repaired.push(format!(
+                    "{}: {why}; rewritten from the current configuration",
+                    f.name
+                ));
+            }
+            rewrite |= !f.bad_slots.is_empty()
+                || f.newest
+                    .as_ref()
+                    .is_none_or(|(g, _)| *g != config.generation);
+            report.members.push(f.name.clone());
+            members.insert(
+                f.label.device_id,
+                Member {
+                    name: f.name,
+                    io: f.io,
+                    label: f.label,
+                },
+            );
+        }
+        report.missing = config
+            .devices
+            .iter()
+            .map(|d| d.id)
+            .filter(|id| !members.contains_key(id))
+            .collect();
+        let slot_size = members
+            .values()
+            .map(|m| m.label.slot_size)
+            .next()
+            .unwrap_or(1 << 20);
+        let mut state = State {
+            config: config.clone(),
+            members,
+            cursor: config.volumes.len(),
+            slot_size,
+        };
+        if rewrite {
+            state.commit(config.clone()).await?;
+        }
+
+        let mut volumes = Vec::new();
+        for record in &config.volumes {
+            let lookup = |id: Uuid| state.members.get(&id).map(|m| m.io.clone());
+            match Tree::open(record.tree.clone(), record.size_bytes, &lookup).await {
+                Ok(tree) => volumes.push((record.clone(), tree)),
+                Err(e) => {
+                    tracing::error!(volume = %record.name, error = %e, "volume cannot be opened");
+                    let mut why = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        why.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    report.failed_volumes.push((record.name.clone(), why));
+                }
+            }
+        }
+        Ok((Some(Pool::from_state(state, volumes)), report))
+    }
+
+    /// Opens the files or block devices at `paths` and rebuilds the pool from them. A path
+    /// that cannot be opened is reported as damaged.
+    pub async fn open_paths(
+        paths: &[PathBuf],
+        options: &FileOptions,
+    ) -> Result<(Option<Pool>, Discovery), PoolError> {
+        let mut candidates: Vec<(String, Arc<dyn BlockIo>)> = Vec::new();
+        let mut unopened = Vec::new();
+        for path in paths {
+            let name = path.display().to_string();
+            match FileDevice::open(path, options) {
+                Ok(dev) => candidates.push((name, dev)),
+                Err(e) => unopened.push((name, format!("cannot be opened: {e}"))),
+            }
+        }
+        let (pool, mut report) = Pool::open(candidates).await?;
+        report.damaged.extend(unopened);
+        Ok((pool, report))
+    }
+}
+
+/// The regular files and block devices directly inside `dir`, sorted by name.
+pub fn scan_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_file() || kind.is_block_device() {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
