@@ -35,9 +35,7 @@ impl std::fmt::Display for IoOp {
 #[non_exhaustive]
 pub enum IoError {
     /// The request is not a multiple of the block size.
-    #[error(
-        "{op} at offset {offset} of {len} bytes is not aligned to the {block_size}-byte block size"
-    )]
+    #[error("{op} at offset {offset} of {len} bytes is not aligned to the {block_size}-byte block size")]
     Misaligned {
         /// The operation.
         op: IoOp,
@@ -90,9 +88,7 @@ pub enum IoError {
         device: String,
     },
     /// A redundant node lost more children than its redundancy covers.
-    #[error(
-        "{op} at offset {offset}: {failed} of {children} legs failed, more than the redundancy covers"
-    )]
+    #[error("{op} at offset {offset}: {failed} of {children} legs failed, more than the redundancy covers")]
     TooManyFailures {
         /// The operation.
         op: IoOp,
@@ -109,9 +105,6 @@ impl IoError {
     /// True for errors the caller caused (alignment, range): retrying elsewhere will not help
     /// and they must not mark a device as failed.
     pub fn is_request_error(&self) -> bool {
-        matches!(
-            self,
-            IoError::Misaligned { .. } | IoError::OutOfRange { .. }
-        )
+        matches!(self, IoError::Misaligned { .. } | IoError::OutOfRange { .. })
     }
 }

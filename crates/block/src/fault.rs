@@ -85,13 +85,7 @@ fn always() -> f64 {
 impl FaultRule {
     /// A rule that hits every matching request with `action`.
     pub fn always(ops: OpFilter, action: FaultAction) -> Self {
-        Self {
-            ops,
-            range: None,
-            after_ops: 0,
-            probability: 1.0,
-            action,
-        }
+        Self { ops, range: None, after_ops: 0, probability: 1.0, action }
     }
 }
 
@@ -159,16 +153,12 @@ impl FaultyDevice {
     fn decide(&self, op: IoOp, offset: u64, len: u64) -> Decision {
         let seen = self.ops.fetch_add(1, Ordering::SeqCst);
         if self.is_gone() {
-            return Decision::Fail(IoError::Gone {
-                device: self.name.clone(),
-            });
+            return Decision::Fail(IoError::Gone { device: self.name.clone() });
         }
         let mut guard = self.plan.lock();
         let (plan, rng) = &mut *guard;
         for rule in &plan.rules {
-            let in_range = rule
-                .range
-                .is_none_or(|(s, e)| offset < e && offset + len.max(1) > s);
+            let in_range = rule.range.is_none_or(|(s, e)| offset < e && offset + len.max(1) > s);
             if !rule.ops.matches(op) || !in_range || seen < rule.after_ops {
                 continue;
             }
@@ -182,9 +172,7 @@ impl FaultyDevice {
                 FaultAction::TornWrite => continue,
                 FaultAction::Disappear => {
                     self.disappear();
-                    Decision::Fail(IoError::Gone {
-                        device: self.name.clone(),
-                    })
+                    Decision::Fail(IoError::Gone { device: self.name.clone() })
                 }
             };
         }
@@ -224,10 +212,7 @@ impl BlockIo for FaultyDevice {
                 let prefix = data.slice(..usize::try_from(keep * bs).expect("fits usize"));
                 self.inner.write(offset, prefix, durability).await?;
             }
-            return Err(IoError::Injected {
-                op: IoOp::Write,
-                offset,
-            });
+            return Err(IoError::Injected { op: IoOp::Write, offset });
         }
         self.inner.write(offset, data, durability).await
     }
@@ -266,17 +251,9 @@ mod tests {
         .unwrap();
         let dev = wrap(plan);
         let data = Bytes::from(vec![1u8; 512]);
-        dev.write(4096, data.clone(), Durability::Cached)
-            .await
-            .unwrap(); // op 0: not armed yet
-        assert!(
-            dev.write(4096, data.clone(), Durability::Cached)
-                .await
-                .is_err()
-        );
-        dev.write(0, data.clone(), Durability::Cached)
-            .await
-            .unwrap(); // outside the range
+        dev.write(4096, data.clone(), Durability::Cached).await.unwrap(); // op 0: not armed yet
+        assert!(dev.write(4096, data.clone(), Durability::Cached).await.is_err());
+        dev.write(0, data.clone(), Durability::Cached).await.unwrap(); // outside the range
         dev.read(4096, 512).await.unwrap(); // reads are not affected
     }
 
@@ -286,19 +263,12 @@ mod tests {
             seed: 3,
             rules: vec![FaultRule::always(OpFilter::Writes, FaultAction::TornWrite)],
         });
-        let err = dev
-            .write(0, Bytes::from(vec![9u8; 8192]), Durability::Cached)
-            .await;
+        let err = dev.write(0, Bytes::from(vec![9u8; 8192]), Durability::Cached).await;
         assert!(matches!(err, Err(IoError::Injected { .. })));
         let image = dev.inner.read(0, 8192).await.unwrap();
         let new_blocks = image.chunks(512).take_while(|b| b[0] == 9).count();
         assert!(new_blocks < 16);
-        assert!(
-            image
-                .chunks(512)
-                .skip(new_blocks)
-                .all(|b| b.iter().all(|&x| x == 0))
-        );
+        assert!(image.chunks(512).skip(new_blocks).all(|b| b.iter().all(|&x| x == 0)));
     }
 
     #[tokio::test]

@@ -35,11 +35,7 @@ pub struct FileOptions {
 
 impl Default for FileOptions {
     fn default() -> Self {
-        Self {
-            direct: false,
-            file_block_size: 4096,
-            max_in_flight: 64,
-        }
+        Self { direct: false, file_block_size: 4096, max_in_flight: 64 }
     }
 }
 
@@ -73,37 +69,22 @@ impl FileDevice {
         if !block_size.is_power_of_two() || block_size < 512 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!(
-                    "{} reports block size {block_size}, not a power of two ≥ 512",
-                    path.display()
-                ),
+                format!("{} reports block size {block_size}, not a power of two ≥ 512", path.display()),
             ));
         }
         let size_bytes = size - size % u64::from(block_size);
         Ok(Arc::new(Self {
             path,
             file: Arc::new(file),
-            geometry: Geometry {
-                block_size,
-                size_bytes,
-            },
+            geometry: Geometry { block_size, size_bytes },
             direct: options.direct,
             slots: Semaphore::new(options.max_in_flight.max(1)),
         }))
     }
 
     /// Creates (or extends) a sparse file of `size_bytes` and opens it.
-    pub fn create(
-        path: impl AsRef<Path>,
-        size_bytes: u64,
-        options: &FileOptions,
-    ) -> io::Result<Arc<Self>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+    pub fn create(path: impl AsRef<Path>, size_bytes: u64, options: &FileOptions) -> io::Result<Arc<Self>> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
         if file.metadata()?.len() < size_bytes {
             file.set_len(size_bytes)?;
         }
@@ -117,13 +98,7 @@ impl FileDevice {
     }
 
     fn os_error(&self, op: IoOp, offset: u64, len: u64, source: io::Error) -> IoError {
-        IoError::Os {
-            op,
-            device: self.path.display().to_string(),
-            offset,
-            len,
-            source,
-        }
+        IoError::Os { op, device: self.path.display().to_string(), offset, len, source }
     }
 
     /// Runs `f` on the blocking pool under the in-flight bound.
@@ -134,11 +109,7 @@ impl FileDevice {
         len: u64,
         f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
     ) -> Result<T, IoError> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .expect("semaphore is never closed");
+        let _slot = self.slots.acquire().await.expect("semaphore is never closed");
         let file = Arc::clone(&self.file);
         match tokio::task::spawn_blocking(move || f(&file)).await {
             Ok(Ok(v)) => Ok(v),
@@ -158,20 +129,10 @@ impl FileDevice {
     }
 }
 
-fn write_all_at(
-    file: &File,
-    mut data: &[u8],
-    mut offset: u64,
-    durability: Durability,
-) -> io::Result<()> {
+fn write_all_at(file: &File, mut data: &[u8], mut offset: u64, durability: Durability) -> io::Result<()> {
     while !data.is_empty() {
         let n = if durability.is_fua() {
-            match pwritev2(
-                file,
-                &[io::IoSlice::new(data)],
-                offset,
-                ReadWriteFlags::DSYNC,
-            ) {
+            match pwritev2(file, &[io::IoSlice::new(data)], offset, ReadWriteFlags::DSYNC) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
                     file.write_all_at(data, offset)?;
@@ -184,10 +145,7 @@ fn write_all_at(
             file.write_at(data, offset)?
         };
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "device accepted no bytes",
-            ));
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "device accepted no bytes"));
         }
         data = &data[n..];
         offset += n as u64;
@@ -222,11 +180,7 @@ impl BlockIo for FileDevice {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         self.geometry.check(IoOp::Read, offset, len)?;
         let n = usize::try_from(len).expect("request fits in memory");
-        let mut buf = if self.direct {
-            self.aligned_buffer(n)
-        } else {
-            BytesMut::zeroed(n)
-        };
+        let mut buf = if self.direct { self.aligned_buffer(n) } else { BytesMut::zeroed(n) };
         let buf = self
             .run(IoOp::Read, offset, len, move |file| {
                 file.read_exact_at(&mut buf, offset)?;
@@ -239,27 +193,18 @@ impl BlockIo for FileDevice {
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
         let len = data.len() as u64;
         self.geometry.check(IoOp::Write, offset, len)?;
-        let data = if self.direct
-            && data
-                .as_ptr()
-                .align_offset(self.geometry.block_size as usize)
-                != 0
-        {
+        let data = if self.direct && data.as_ptr().align_offset(self.geometry.block_size as usize) != 0 {
             let mut bounce = self.aligned_buffer(data.len());
             bounce.copy_from_slice(&data);
             bounce.freeze()
         } else {
             data
         };
-        self.run(IoOp::Write, offset, len, move |file| {
-            write_all_at(file, &data, offset, durability)
-        })
-        .await
+        self.run(IoOp::Write, offset, len, move |file| write_all_at(file, &data, offset, durability)).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        self.run(IoOp::Flush, 0, 0, |file| Ok(fdatasync(file)?))
-            .await
+        self.run(IoOp::Flush, 0, 0, |file| Ok(fdatasync(file)?)).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
@@ -286,22 +231,11 @@ mod tests {
     #[tokio::test]
     async fn file_round_trip_fua_discard_and_zeroes() {
         let dir = tempfile::tempdir().unwrap();
-        let dev =
-            FileDevice::create(dir.path().join("d"), 1 << 20, &FileOptions::default()).unwrap();
-        assert_eq!(
-            dev.geometry(),
-            Geometry {
-                block_size: 4096,
-                size_bytes: 1 << 20
-            }
-        );
+        let dev = FileDevice::create(dir.path().join("d"), 1 << 20, &FileOptions::default()).unwrap();
+        assert_eq!(dev.geometry(), Geometry { block_size: 4096, size_bytes: 1 << 20 });
         let data = Bytes::from(vec![7u8; 8192]);
-        dev.write(4096, data.clone(), Durability::Fua)
-            .await
-            .unwrap();
-        dev.write(16384, data.clone(), Durability::Cached)
-            .await
-            .unwrap();
+        dev.write(4096, data.clone(), Durability::Fua).await.unwrap();
+        dev.write(16384, data.clone(), Durability::Cached).await.unwrap();
         dev.flush().await.unwrap();
         assert_eq!(dev.read(4096, 8192).await.unwrap(), data);
         dev.discard(4096, 4096).await.unwrap();
@@ -310,12 +244,7 @@ mod tests {
         assert!(back[..4096].iter().all(|&b| b == 0));
         assert!(back[4096..8192].iter().all(|&b| b == 7));
         assert!(back[12288..].iter().all(|&b| b == 0));
-        assert!(
-            dev.read(1 << 20, 4096)
-                .await
-                .unwrap_err()
-                .is_request_error()
-        );
+        assert!(dev.read(1 << 20, 4096).await.unwrap_err().is_request_error());
         assert!(dev.read(100, 4096).await.unwrap_err().is_request_error());
     }
 
@@ -323,10 +252,7 @@ mod tests {
     async fn direct_io_bounces_unaligned_buffers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d");
-        let options = FileOptions {
-            direct: true,
-            ..FileOptions::default()
-        };
+        let options = FileOptions { direct: true, ..FileOptions::default() };
         let dev = FileDevice::create(&path, 1 << 20, &options).unwrap();
         let data = Bytes::from(vec![3u8; 4097]).slice(1..);
         dev.write(0, data.clone(), Durability::Fua).await.unwrap();

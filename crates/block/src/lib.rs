@@ -55,21 +55,11 @@ impl Geometry {
     pub fn check(&self, op: IoOp, offset: u64, len: u64) -> Result<(), IoError> {
         let bs = u64::from(self.block_size);
         if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
-            return Err(IoError::Misaligned {
-                op,
-                offset,
-                len,
-                block_size: self.block_size,
-            });
+            return Err(IoError::Misaligned { op, offset, len, block_size: self.block_size });
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.size_bytes => Ok(()),
-            _ => Err(IoError::OutOfRange {
-                op,
-                offset,
-                len,
-                size: self.size_bytes,
-            }),
+            _ => Err(IoError::OutOfRange { op, offset, len, size: self.size_bytes }),
         }
     }
 }
@@ -118,9 +108,5 @@ pub trait BlockIo: Send + Sync + 'static {
 
 /// Allocates a zeroed buffer of `len` bytes.
 pub fn zeroes(len: u64) -> Bytes {
-    Bytes::from(vec![
-        0u8;
-        usize::try_from(len)
-            .expect("buffer length fits in memory")
-    ])
+    Bytes::from(vec![0u8; usize::try_from(len).expect("buffer length fits in memory")])
 }

@@ -58,35 +58,18 @@ impl MemDevice {
 
     /// A zeroed device with a volatile write cache: writes are lost by [`MemDevice::crash`]
     /// unless flushed or written with FUA.
-    pub fn with_volatile_cache(
-        name: impl Into<String>,
-        size_bytes: u64,
-        block_size: u32,
-    ) -> Arc<Self> {
+    pub fn with_volatile_cache(name: impl Into<String>, size_bytes: u64, block_size: u32) -> Arc<Self> {
         Self::build(name.into(), size_bytes, block_size, true)
     }
 
     fn build(name: String, size_bytes: u64, block_size: u32, cache: bool) -> Arc<Self> {
-        assert!(
-            block_size.is_power_of_two() && block_size >= 512,
-            "block size {block_size}"
-        );
-        assert_eq!(
-            size_bytes % u64::from(block_size),
-            0,
-            "size is a multiple of the block size"
-        );
+        assert!(block_size.is_power_of_two() && block_size >= 512, "block size {block_size}");
+        assert_eq!(size_bytes % u64::from(block_size), 0, "size is a multiple of the block size");
         let len = usize::try_from(size_bytes).expect("in-memory device fits in memory");
         Arc::new(Self {
             name,
-            geometry: Geometry {
-                block_size,
-                size_bytes,
-            },
-            state: RwLock::new(State {
-                data: vec![0; len],
-                undo: cache.then(Vec::new),
-            }),
+            geometry: Geometry { block_size, size_bytes },
+            state: RwLock::new(State { data: vec![0; len], undo: cache.then(Vec::new) }),
         })
     }
 
@@ -113,9 +96,7 @@ impl MemDevice {
             CrashPlan::Random { seed } => {
                 let mut rng = SmallRng::seed_from_u64(seed);
                 let survivors = rng.random_range(0..=entries.len());
-                let torn = entries
-                    .get(survivors)
-                    .map_or(0, |e| rng.random_range(0..e.old.len() / bs));
+                let torn = entries.get(survivors).map_or(0, |e| rng.random_range(0..e.old.len() / bs));
                 (survivors, torn)
             }
         };
@@ -138,10 +119,7 @@ impl MemDevice {
             if durability.is_fua() {
                 forget_range(log, offset, len as u64);
             } else {
-                log.push(Undo {
-                    offset,
-                    old: data[start..start + len].to_vec(),
-                });
+                log.push(Undo { offset, old: data[start..start + len].to_vec() });
             }
         }
         match bytes {
@@ -163,17 +141,11 @@ fn forget_range(log: &mut Vec<Undo>, offset: u64, len: u64) {
         }
         if entry.offset < offset {
             let n = usize::try_from(offset - entry.offset).expect("fits usize");
-            kept.push(Undo {
-                offset: entry.offset,
-                old: entry.old[..n].to_vec(),
-            });
+            kept.push(Undo { offset: entry.offset, old: entry.old[..n].to_vec() });
         }
         if e_end > end {
             let n = usize::try_from(end - entry.offset).expect("fits usize");
-            kept.push(Undo {
-                offset: end,
-                old: entry.old[n..].to_vec(),
-            });
+            kept.push(Undo { offset: end, old: entry.old[n..].to_vec() });
         }
     }
     *log = kept;
@@ -189,14 +161,11 @@ impl BlockIo for MemDevice {
         self.geometry.check(IoOp::Read, offset, len)?;
         let start = usize::try_from(offset).expect("offset fits usize");
         let len = usize::try_from(len).expect("length fits usize");
-        Ok(Bytes::copy_from_slice(
-            &self.state.read().data[start..start + len],
-        ))
+        Ok(Bytes::copy_from_slice(&self.state.read().data[start..start + len]))
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
-        self.geometry
-            .check(IoOp::Write, offset, data.len() as u64)?;
+        self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
         self.apply(offset, Some(&data), data.len() as u64, durability);
         Ok(())
     }
@@ -250,9 +219,7 @@ mod tests {
             let dev = MemDevice::with_volatile_cache("m", 8192, 512);
             for i in 0..4u8 {
                 let data = Bytes::from(vec![i + 1; 2048]);
-                dev.write(u64::from(i) * 2048, data, Durability::Cached)
-                    .await
-                    .unwrap();
+                dev.write(u64::from(i) * 2048, data, Durability::Cached).await.unwrap();
             }
             dev.crash(CrashPlan::Random { seed });
             let image = dev.read(0, 8192).await.unwrap();

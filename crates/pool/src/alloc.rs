@@ -32,13 +32,7 @@ impl DeviceSpace {
         present: bool,
     ) -> Self {
         let count = usize::try_from(data_size / extent).unwrap_or(0);
-        Self {
-            id,
-            fault_domain,
-            data_offset,
-            used: vec![false; count],
-            present,
-        }
+        Self { id, fault_domain, data_offset, used: vec![false; count], present }
     }
 
     pub(crate) fn free_extents(&self) -> usize {
@@ -86,9 +80,7 @@ impl DeviceSpace {
 
     /// The failure domain used for spreading: the tag, or the device itself.
     fn domain(&self) -> String {
-        self.fault_domain
-            .clone()
-            .unwrap_or_else(|| self.id.to_string())
+        self.fault_domain.clone().unwrap_or_else(|| self.id.to_string())
     }
 }
 
@@ -110,27 +102,15 @@ fn node_from_runs(device: Uuid, runs: &[(u64, usize)], extent: u64, mut length: 
         if take == 0 {
             break;
         }
-        children.push(NodeSpec::Extent {
-            device,
-            offset,
-            length: take,
-        });
+        children.push(NodeSpec::Extent { device, offset, length: take });
         length -= take;
     }
-    if children.len() == 1 {
-        children.pop().expect("one child")
-    } else {
-        NodeSpec::Concat { children }
-    }
+    if children.len() == 1 { children.pop().expect("one child") } else { NodeSpec::Concat { children } }
 }
 
 impl Planner {
     fn free_bytes(&self) -> u64 {
-        self.devices
-            .iter()
-            .filter(|d| d.present)
-            .map(|d| d.free_extents() as u64 * self.extent)
-            .sum()
+        self.devices.iter().filter(|d| d.present).map(|d| d.free_extents() as u64 * self.extent).sum()
     }
 
     /// Device indexes starting at the cursor.
@@ -157,10 +137,9 @@ impl Allocator for Planner {
         leg_size: u64,
         bitmap_size: u64,
     ) -> Result<Vec<AllocatedLeg>, LayoutError> {
-        let data_extents = usize::try_from(leg_size.div_ceil(self.extent))
-            .map_err(|_| LayoutError::TooLarge(leg_size))?;
-        let bitmap_extents =
-            usize::try_from(bitmap_size.div_ceil(self.extent)).unwrap_or(usize::MAX);
+        let data_extents =
+            usize::try_from(leg_size.div_ceil(self.extent)).map_err(|_| LayoutError::TooLarge(leg_size))?;
+        let bitmap_extents = usize::try_from(bitmap_size.div_ceil(self.extent)).unwrap_or(usize::MAX);
         let need = data_extents.saturating_add(bitmap_extents);
         let tagged = self.devices.iter().any(|d| d.fault_domain.is_some());
         // Fullest-first would bunch volumes together; go round the pool instead, skipping
@@ -181,11 +160,7 @@ impl Allocator for Planner {
                 needed: legs,
                 available: chosen.len(),
                 leg_bytes: need as u64 * self.extent,
-                domains: if tagged {
-                    " in different fault domains"
-                } else {
-                    ""
-                },
+                domains: if tagged { " in different fault domains" } else { "" },
             });
         }
         self.cursor = self.cursor.wrapping_add(legs);
@@ -199,10 +174,7 @@ impl Allocator for Planner {
                     let runs = device.take(bitmap_extents, extent);
                     node_from_runs(device.id, &runs, extent, bitmap_size)
                 });
-                AllocatedLeg {
-                    data: node_from_runs(device.id, &data, extent, leg_size),
-                    bitmap,
-                }
+                AllocatedLeg { data: node_from_runs(device.id, &data, extent, leg_size), bitmap }
             })
             .collect())
     }
@@ -266,12 +238,7 @@ mod tests {
                 )
             })
             .collect();
-        Planner {
-            devices,
-            extent: MIB,
-            block_size: 4096,
-            cursor: 0,
-        }
+        Planner { devices, extent: MIB, block_size: 4096, cursor: 0 }
     }
 
     fn devices_of(spec: &NodeSpec) -> Vec<Uuid> {
@@ -281,26 +248,14 @@ mod tests {
     #[test]
     fn mirror_legs_land_on_different_fault_domains() {
         let mut p = planner(&[Some("a"), Some("a"), Some("b"), Some("b")], 16);
-        let spec = VolumeRequest::new(4 * MIB, Layout::Mirror)
-            .plan(&mut p)
-            .unwrap();
-        let NodeSpec::Mirror { children, .. } = spec else {
-            panic!("{spec:?}")
-        };
+        let spec = VolumeRequest::new(4 * MIB, Layout::Mirror).plan(&mut p).unwrap();
+        let NodeSpec::Mirror { children, .. } = spec else { panic!("{spec:?}") };
         let domain = |c: &NodeSpec| {
             let id = devices_of(c)[0];
-            p.devices
-                .iter()
-                .find(|d| d.id == id)
-                .unwrap()
-                .fault_domain
-                .clone()
+            p.devices.iter().find(|d| d.id == id).unwrap().fault_domain.clone()
         };
         assert_ne!(domain(&children[0]), domain(&children[1]));
-        let three = VolumeRequest {
-            copies: Some(3),
-            ..VolumeRequest::new(4 * MIB, Layout::Mirror)
-        };
+        let three = VolumeRequest { copies: Some(3), ..VolumeRequest::new(4 * MIB, Layout::Mirror) };
         let err = three.plan(&mut p).unwrap_err().to_string();
         assert!(err.contains("different fault domains"), "{err}");
     }
@@ -309,13 +264,7 @@ mod tests {
     fn volumes_are_spread_round_robin() {
         let mut p = planner(&[None; 4], 16);
         let firsts: Vec<Uuid> = (0..4)
-            .map(|_| {
-                devices_of(
-                    &VolumeRequest::new(MIB, Layout::Linear)
-                        .plan(&mut p)
-                        .unwrap(),
-                )[0]
-            })
+            .map(|_| devices_of(&VolumeRequest::new(MIB, Layout::Linear).plan(&mut p).unwrap())[0])
             .collect();
         let mut unique = firsts.clone();
         unique.sort();
@@ -326,25 +275,18 @@ mod tests {
     #[test]
     fn refusals_say_what_is_missing() {
         let mut p = planner(&[None; 3], 4);
-        let err = VolumeRequest::new(20 * MIB, Layout::Linear)
+        let err = VolumeRequest::new(20 * MIB, Layout::Linear).plan(&mut p).unwrap_err();
+        assert!(matches!(err, LayoutError::NotEnoughSpace { .. }), "{err}");
+        let err = VolumeRequest { width: Some(4), ..VolumeRequest::new(MIB, Layout::Raid5) }
             .plan(&mut p)
             .unwrap_err();
-        assert!(matches!(err, LayoutError::NotEnoughSpace { .. }), "{err}");
-        let err = VolumeRequest {
-            width: Some(4),
-            ..VolumeRequest::new(MIB, Layout::Raid5)
-        }
-        .plan(&mut p)
-        .unwrap_err();
         assert!(err.to_string().contains("needs 4 devices"), "{err}");
     }
 
     #[test]
     fn a_linear_volume_spans_devices_when_one_is_not_enough() {
         let mut p = planner(&[None; 2], 4);
-        let spec = VolumeRequest::new(6 * MIB, Layout::Linear)
-            .plan(&mut p)
-            .unwrap();
+        let spec = VolumeRequest::new(6 * MIB, Layout::Linear).plan(&mut p).unwrap();
         assert_eq!(spec.size(), 6 * MIB);
         assert_eq!(devices_of(&spec).len(), 2);
     }

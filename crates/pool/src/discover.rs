@@ -49,10 +49,7 @@ pub(crate) enum LabelScan {
     /// Neither copy has the Strata magic.
     Blank,
     /// At least one copy is valid; `repair` names the copy to rewrite.
-    Valid {
-        label: Label,
-        repair: Option<(u32, String)>,
-    },
+    Valid { label: Label, repair: Option<(u32, String)> },
     /// Copies carry the magic but none is valid.
     Damaged(String),
 }
@@ -80,29 +77,17 @@ pub(crate) async fn read_labels(io: &dyn BlockIo) -> LabelScan {
     };
     let back = read_copy(io, back_at).await;
     match (front, back) {
-        (Ok(f), Ok(b)) if f == b => LabelScan::Valid {
-            label: f,
-            repair: None,
-        },
+        (Ok(f), Ok(b)) if f == b => LabelScan::Valid { label: f, repair: None },
         (Ok(f), Ok(b)) => {
-            let (label, stale) = if b.generation > f.generation {
-                (b, 0)
-            } else {
-                (f, 1)
-            };
-            LabelScan::Valid {
-                label,
-                repair: Some((stale, "label copies disagree".into())),
-            }
+            let (label, stale) = if b.generation > f.generation { (b, 0) } else { (f, 1) };
+            LabelScan::Valid { label, repair: Some((stale, "label copies disagree".into())) }
         }
-        (Ok(label), Err(why)) => LabelScan::Valid {
-            label,
-            repair: Some((1, format!("back label copy: {why}"))),
-        },
-        (Err(why), Ok(label)) => LabelScan::Valid {
-            label,
-            repair: Some((0, format!("front label copy: {why}"))),
-        },
+        (Ok(label), Err(why)) => {
+            LabelScan::Valid { label, repair: Some((1, format!("back label copy: {why}"))) }
+        }
+        (Err(why), Ok(label)) => {
+            LabelScan::Valid { label, repair: Some((0, format!("front label copy: {why}"))) }
+        }
         (Err(f), Err(b)) if f == "no magic" && b == "no magic" => LabelScan::Blank,
         (Err(f), Err(b)) => LabelScan::Damaged(format!("front copy: {f}; back copy: {b}")),
     }
@@ -111,8 +96,7 @@ pub(crate) async fn read_labels(io: &dyn BlockIo) -> LabelScan {
 /// Writes label copy `copy` (0 front, 1 back).
 async fn write_copy(io: &dyn BlockIo, label: &Label, copy: u32) -> Result<(), IoError> {
     let at = if copy == 0 { 0 } else { label.back_offset() };
-    io.write(at, Bytes::from(label.encode(copy)), Durability::Fua)
-        .await
+    io.write(at, Bytes::from(label.encode(copy)), Durability::Fua).await
 }
 
 /// Writes both label copies.
@@ -123,11 +107,9 @@ pub(crate) async fn write_labels(io: &dyn BlockIo, label: &Label) -> Result<(), 
 
 /// Erases the labels and metadata area so the device reads as unclaimed.
 pub(crate) async fn wipe(io: &dyn BlockIo, label: &Label) -> Result<(), IoError> {
-    io.write_zeroes(label.metadata_offset, 2 * label.slot_size)
-        .await?;
+    io.write_zeroes(label.metadata_offset, 2 * label.slot_size).await?;
     let zero = strata_block::zeroes(LABEL_SIZE);
-    io.write(label.back_offset(), zero.clone(), Durability::Fua)
-        .await?;
+    io.write(label.back_offset(), zero.clone(), Durability::Fua).await?;
     io.write(0, zero, Durability::Fua).await
 }
 
@@ -150,10 +132,7 @@ async fn read_slot(io: &dyn BlockIo, label: &Label, index: u64) -> SlotRead {
         Err(SlotError::Empty) => return SlotRead::Empty,
         Err(e) => return SlotRead::Bad(e.to_string()),
     };
-    let total = (SLOT_HEADER as u64)
-        .saturating_add(len)
-        .div_ceil(bs)
-        .saturating_mul(bs);
+    let total = (SLOT_HEADER as u64).saturating_add(len).div_ceil(bs).saturating_mul(bs);
     if total > label.slot_size {
         return SlotRead::Bad(SlotError::Length(len).to_string());
     }
@@ -212,43 +191,27 @@ impl Pool {
                                 }
                             }
                             SlotRead::Empty => {}
-                            SlotRead::Bad(why) => {
-                                bad_slots.push(format!("metadata slot {index}: {why}"))
-                            }
+                            SlotRead::Bad(why) => bad_slots.push(format!("metadata slot {index}: {why}")),
                         }
                     }
-                    found.push(Found {
-                        name,
-                        io,
-                        label,
-                        label_repair: repair,
-                        newest,
-                        bad_slots,
-                    });
+                    found.push(Found { name, io, label, label_repair: repair, newest, bad_slots });
                 }
             }
         }
         // One pool per controller: the one with the most devices here.
         let mut counts: BTreeMap<Uuid, usize> = BTreeMap::new();
-        found
-            .iter()
-            .for_each(|f| *counts.entry(f.label.pool_id).or_default() += 1);
+        found.iter().for_each(|f| *counts.entry(f.label.pool_id).or_default() += 1);
         let Some(pool_id) = counts.iter().max_by_key(|(_, n)| **n).map(|(id, _)| *id) else {
             return Ok((None, report));
         };
         let (ours, others): (Vec<Found>, Vec<Found>) =
             found.into_iter().partition(|f| f.label.pool_id == pool_id);
-        report
-            .foreign
-            .extend(others.into_iter().map(|f| (f.name, f.label.pool_id)));
+        report.foreign.extend(others.into_iter().map(|f| (f.name, f.label.pool_id)));
         let config: PoolConfig = ours
             .iter()
             .filter_map(|f| f.newest.as_ref().and_then(|(_, m)| m.config.clone()))
             .max_by_key(|c| c.generation)
-            .ok_or(PoolError::NoConfig {
-                pool: pool_id,
-                members: ours.len(),
-            })?;
+            .ok_or(PoolError::NoConfig { pool: pool_id, members: ours.len() })?;
 
         let mut members = BTreeMap::new();
         let mut rewrite = false;
@@ -261,49 +224,20 @@ impl Pool {
             if let Some((copy, why)) = &f.label_repair {
                 write_copy(f.io.as_ref(), &f.label, *copy)
                     .await
-                    .map_err(|source| PoolError::Io {
-                        device: f.name.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| PoolError::Io { device: f.name.clone(), source })?;
                 report.repaired.push(format!("{}: rewrote {why}", f.name));
             }
             for why in &f.bad_slots {
-                report.repaired.push(format!(
-                    "{}: {why}; rewritten from the current configuration",
-                    f.name
-                ));
+                report.repaired.push(format!("{}: {why}; rewritten from the current configuration", f.name));
             }
-            rewrite |= !f.bad_slots.is_empty()
-                || f.newest
-                    .as_ref()
-                    .is_none_or(|(g, _)| *g != config.generation);
+            rewrite |=
+                !f.bad_slots.is_empty() || f.newest.as_ref().is_none_or(|(g, _)| *g != config.generation);
             report.members.push(f.name.clone());
-            members.insert(
-                f.label.device_id,
-                Member {
-                    name: f.name,
-                    io: f.io,
-                    label: f.label,
-                },
-            );
+            members.insert(f.label.device_id, Member { name: f.name, io: f.io, label: f.label });
         }
-        report.missing = config
-            .devices
-            .iter()
-            .map(|d| d.id)
-            .filter(|id| !members.contains_key(id))
-            .collect();
-        let slot_size = members
-            .values()
-            .map(|m| m.label.slot_size)
-            .next()
-            .unwrap_or(1 << 20);
-        let mut state = State {
-            config: config.clone(),
-            members,
-            cursor: config.volumes.len(),
-            slot_size,
-        };
+        report.missing = config.devices.iter().map(|d| d.id).filter(|id| !members.contains_key(id)).collect();
+        let slot_size = members.values().map(|m| m.label.slot_size).next().unwrap_or(1 << 20);
+        let mut state = State { config: config.clone(), members, cursor: config.volumes.len(), slot_size };
         if rewrite {
             state.commit(config.clone()).await?;
         }

@@ -79,9 +79,7 @@ pub enum PoolError {
         slot: u64,
     },
     /// No config replica took the update.
-    #[error(
-        "No device accepted the new configuration; the change was not made. Check device health"
-    )]
+    #[error("No device accepted the new configuration; the change was not made. Check device health")]
     CommitFailed,
     /// The pool has no devices.
     #[error("The pool has no devices; add one with `strata device add`")]

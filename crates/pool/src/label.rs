@@ -18,11 +18,15 @@
 use uuid::Uuid;
 
 /// Bytes a label copy occupies on the device.
-pub const LABEL_SIZE: u64 = 4096;
+pub const LABEL_SIZE: u64 = LABEL_BYTES as u64;
+const LABEL_BYTES: usize = 4096;
 /// The format this code writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"STRATALB";
 const HEADER_LEN: usize = 128;
+const HEADER_LEN_FIELD: u32 = 128;
+/// Largest block size a label supports (the label must fill whole blocks).
+pub const MAX_BLOCK_SIZE: u32 = 4096;
 const CRC_AT: usize = 124;
 
 /// One decoded label copy.
@@ -65,9 +69,7 @@ pub enum LabelError {
         computed: u32,
     },
     /// Written by a format this code does not know.
-    #[error(
-        "Label format version {0} is not supported (this build reads version {FORMAT_VERSION})"
-    )]
+    #[error("Label format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
     Version(u32),
     /// Fields contradict each other.
     #[error("Label is inconsistent: {0}")]
@@ -82,10 +84,10 @@ impl Label {
 
     /// Encodes copy `copy` (0 front, 1 back) as a full 4 KiB block.
     pub fn encode(&self, copy: u32) -> Vec<u8> {
-        let mut b = vec![0u8; LABEL_SIZE as usize];
+        let mut b = vec![0u8; LABEL_BYTES];
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+        b[12..16].copy_from_slice(&HEADER_LEN_FIELD.to_le_bytes());
         b[16..32].copy_from_slice(self.device_id.as_bytes());
         b[32..48].copy_from_slice(self.pool_id.as_bytes());
         b[48..56].copy_from_slice(&self.fencing_epoch.to_le_bytes());
@@ -139,23 +141,16 @@ impl Label {
     fn check(&self) -> Result<(), LabelError> {
         let bad = |why: &str| Err(LabelError::Inconsistent(why.to_string()));
         let bs = u64::from(self.block_size);
-        if !self.block_size.is_power_of_two()
-            || !(512..=LABEL_SIZE as u32).contains(&self.block_size)
-        {
+        if !self.block_size.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&self.block_size) {
             return bad("block size is not a power of two between 512 and 4096");
         }
-        if self.metadata_offset < LABEL_SIZE || self.slot_size == 0 || self.slot_size % bs != 0 {
+        if self.metadata_offset < LABEL_SIZE || self.slot_size == 0 || !self.slot_size.is_multiple_of(bs) {
             return bad("metadata area overlaps the label or is not block-aligned");
         }
-        let metadata_end = self
-            .slot_size
-            .checked_mul(2)
-            .and_then(|s| s.checked_add(self.metadata_offset));
+        let metadata_end = self.slot_size.checked_mul(2).and_then(|s| s.checked_add(self.metadata_offset));
         let data_end = self.data_offset.checked_add(self.data_size);
         match (metadata_end, data_end) {
-            (Some(m), Some(d)) if m <= self.data_offset && d <= back_offset(self.device_size) => {
-                Ok(())
-            }
+            (Some(m), Some(d)) if m <= self.data_offset && d <= back_offset(self.device_size) => Ok(()),
             _ => bad("metadata or data area reaches past the back label"),
         }
     }
@@ -200,10 +195,7 @@ mod tests {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut bad = raw.clone();
                 bad[at] ^= flip;
-                assert!(
-                    Label::decode(&bad).is_err(),
-                    "byte {at} ^ {flip:#x} went unnoticed"
-                );
+                assert!(Label::decode(&bad).is_err(), "byte {at} ^ {flip:#x} went unnoticed");
             }
         }
     }
@@ -218,9 +210,6 @@ mod tests {
     fn a_label_pointing_outside_the_device_is_refused() {
         let mut label = sample();
         label.data_size = 1 << 40;
-        assert!(matches!(
-            Label::decode(&label.encode(0)),
-            Err(LabelError::Inconsistent(_))
-        ));
+        assert!(matches!(Label::decode(&label.encode(0)), Err(LabelError::Inconsistent(_))));
     }
 }

@@ -36,11 +36,7 @@ pub struct PoolOptions {
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        Self {
-            name: "strata".into(),
-            extent_size: 4 << 20,
-            slot_size: 1 << 20,
-        }
+        Self { name: "strata".into(), extent_size: 4 << 20, slot_size: 1 << 20 }
     }
 }
 
@@ -62,6 +58,12 @@ pub(crate) struct State {
 pub struct Volume {
     record: VolumeRecord,
     tree: Arc<Tree>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("name", &self.record.name).field("id", &self.record.id).finish()
+    }
 }
 
 impl Volume {
@@ -151,14 +153,8 @@ pub struct Pool {
 fn check_name(name: &str) -> Result<(), PoolError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(PoolError::BadName(name.to_string()))
-    }
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok { Ok(()) } else { Err(PoolError::BadName(name.to_string())) }
 }
 
 impl State {
@@ -182,49 +178,29 @@ impl State {
             .collect();
         for volume in &self.config.volumes {
             for (device, offset, length) in volume.tree.extents() {
-                if let Some(space) = devices.iter_mut().find(|d| d.id == device) {
-                    if !space.mark(offset, length, extent) {
-                        tracing::error!(volume = %volume.name, %device, offset, length, "extent overlaps another or lies outside the data area");
-                    }
+                if let Some(space) = devices.iter_mut().find(|d| d.id == device)
+                    && !space.mark(offset, length, extent)
+                {
+                    tracing::error!(volume = %volume.name, %device, offset, length, "extent overlaps another or lies outside the data area");
                 }
             }
         }
-        let block_size = self
-            .members
-            .values()
-            .map(|m| m.io.geometry().block_size)
-            .max()
-            .unwrap_or(4096);
-        Planner {
-            devices,
-            extent,
-            block_size,
-            cursor: self.cursor,
-        }
+        let block_size = self.members.values().map(|m| m.io.geometry().block_size).max().unwrap_or(4096);
+        Planner { devices, extent, block_size, cursor: self.cursor }
     }
 
     /// Devices that carry the full configuration: up to [`CONFIG_REPLICAS`] present
     /// members, taking one per fault domain in turn so the copies spread.
     pub(crate) fn replicas(&self) -> Vec<Uuid> {
         let mut by_domain: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
-        for d in self
-            .config
-            .devices
-            .iter()
-            .filter(|d| self.members.contains_key(&d.id))
-        {
+        for d in self.config.devices.iter().filter(|d| self.members.contains_key(&d.id)) {
             let domain = d.fault_domain.clone().unwrap_or_else(|| d.id.to_string());
             by_domain.entry(domain).or_default().push(d.id);
         }
         let mut out = Vec::new();
         let mut round = 0;
         while out.len() < CONFIG_REPLICAS && by_domain.values().any(|v| v.len() > round) {
-            out.extend(
-                by_domain
-                    .values()
-                    .filter_map(|v| v.get(round))
-                    .take(CONFIG_REPLICAS - out.len()),
-            );
+            out.extend(by_domain.values().filter_map(|v| v.get(round)).take(CONFIG_REPLICAS - out.len()));
             round += 1;
         }
         out
@@ -252,11 +228,7 @@ impl State {
                 .iter()
                 .flat_map(|v| v.tree.extents().into_iter().map(move |e| (v.id, e)))
                 .filter(|(_, (device, _, _))| device == id)
-                .map(|(volume, (_, offset, length))| ExtentRecord {
-                    volume,
-                    offset,
-                    length,
-                })
+                .map(|(volume, (_, offset, length))| ExtentRecord { volume, offset, length })
                 .collect();
             let metadata = DeviceMetadata {
                 device_id: *id,
@@ -269,21 +241,13 @@ impl State {
             let bs = u64::from(member.io.geometry().block_size);
             let Some(encoded) = slot::encode(generation, &payload, bs, self.slot_size) else {
                 self.config = previous;
-                return Err(PoolError::ConfigTooLarge {
-                    bytes: payload.len(),
-                    slot: self.slot_size,
-                });
+                return Err(PoolError::ConfigTooLarge { bytes: payload.len(), slot: self.slot_size });
             };
             let at = member.label.metadata_offset + (generation % 2) * member.label.slot_size;
             let io = member.io.clone();
             let name = member.name.clone();
-            writes.push(async move {
-                (
-                    *id,
-                    name,
-                    io.write(at, Bytes::from(encoded), Durability::Fua).await,
-                )
-            });
+            writes
+                .push(async move { (*id, name, io.write(at, Bytes::from(encoded), Durability::Fua).await) });
         }
         let results = futures::future::join_all(writes).await;
         let mut replica_ok = 0;
@@ -328,12 +292,7 @@ impl Pool {
             volumes: Vec::new(),
         };
         Ok(Self::from_state(
-            State {
-                config,
-                members: BTreeMap::new(),
-                cursor: 0,
-                slot_size: options.slot_size,
-            },
+            State { config, members: BTreeMap::new(), cursor: 0, slot_size: options.slot_size },
             Vec::new(),
         ))
     }
@@ -342,21 +301,9 @@ impl Pool {
         let id = state.config.pool_id;
         let volumes = volumes
             .into_iter()
-            .map(|(record, tree)| {
-                (
-                    record.name.clone(),
-                    Arc::new(Volume {
-                        record,
-                        tree: Arc::new(tree),
-                    }),
-                )
-            })
+            .map(|(record, tree)| (record.name.clone(), Arc::new(Volume { record, tree: Arc::new(tree) })))
             .collect();
-        Self {
-            id,
-            state: tokio::sync::Mutex::new(state),
-            volumes: parking_lot::RwLock::new(volumes),
-        }
+        Self { id, state: tokio::sync::Mutex::new(state), volumes: parking_lot::RwLock::new(volumes) }
     }
 
     /// The pool's identity.
@@ -382,16 +329,10 @@ impl Pool {
         match found {
             crate::discover::LabelScan::Blank => {}
             crate::discover::LabelScan::Valid { label, .. } => {
-                return Err(PoolError::AlreadyClaimed {
-                    device: name.to_string(),
-                    pool: label.pool_id,
-                });
+                return Err(PoolError::AlreadyClaimed { device: name.to_string(), pool: label.pool_id });
             }
             crate::discover::LabelScan::Damaged(reason) => {
-                return Err(PoolError::DamagedLabel {
-                    device: name.to_string(),
-                    reason,
-                });
+                return Err(PoolError::DamagedLabel { device: name.to_string(), reason });
             }
         }
         let g = io.geometry();
@@ -400,7 +341,7 @@ impl Pool {
         let data_offset = (LABEL_SIZE + 2 * slot_size).div_ceil(extent) * extent;
         let back = crate::label::back_offset(g.size_bytes);
         let data_size = back.saturating_sub(data_offset) / extent * extent;
-        if data_size == 0 || g.block_size > LABEL_SIZE as u32 {
+        if data_size == 0 || g.block_size > crate::label::MAX_BLOCK_SIZE {
             return Err(PoolError::TooSmall {
                 device: name.to_string(),
                 size: g.size_bytes,
@@ -421,10 +362,7 @@ impl Pool {
         };
         crate::discover::write_labels(io.as_ref(), &label)
             .await
-            .map_err(|source| PoolError::Io {
-                device: name.to_string(),
-                source,
-            })?;
+            .map_err(|source| PoolError::Io { device: name.to_string(), source })?;
         let record = DeviceRecord {
             id: label.device_id,
             name: name.to_string(),
@@ -435,14 +373,7 @@ impl Pool {
         };
         let mut config = state.config.clone();
         config.devices.push(record);
-        state.members.insert(
-            label.device_id,
-            Member {
-                name: name.to_string(),
-                io,
-                label: label.clone(),
-            },
-        );
+        state.members.insert(label.device_id, Member { name: name.to_string(), io, label: label.clone() });
         if let Err(e) = state.commit(config).await {
             state.members.remove(&label.device_id);
             return Err(e);
@@ -464,10 +395,7 @@ impl Pool {
             .map(|v| v.name.clone())
             .collect();
         if !volumes.is_empty() {
-            return Err(PoolError::DeviceInUse {
-                device: record.name,
-                volumes,
-            });
+            return Err(PoolError::DeviceInUse { device: record.name, volumes });
         }
         let mut config = state.config.clone();
         config.devices.retain(|d| d.id != id);
@@ -481,21 +409,14 @@ impl Pool {
         if let Some(member) = member {
             crate::discover::wipe(member.io.as_ref(), &member.label)
                 .await
-                .map_err(|source| PoolError::Io {
-                    device: member.name,
-                    source,
-                })?;
+                .map_err(|source| PoolError::Io { device: member.name, source })?;
         }
         Ok(())
     }
 
     /// Creates a volume: plans it, prepares its bitmaps, records it on the devices, and
     /// returns it ready for IO.
-    pub async fn create_volume(
-        &self,
-        name: &str,
-        request: VolumeRequest,
-    ) -> Result<Arc<Volume>, PoolError> {
+    pub async fn create_volume(&self, name: &str, request: VolumeRequest) -> Result<Arc<Volume>, PoolError> {
         check_name(name)?;
         let mut state = self.state.lock().await;
         if state.config.volumes.iter().any(|v| v.name == name) {
@@ -504,13 +425,8 @@ impl Pool {
         let mut planner = state.planner();
         let spec = request.plan(&mut planner)?;
         state.cursor = planner.cursor;
-        let volume_error = |source| PoolError::Volume {
-            name: name.to_string(),
-            source,
-        };
-        let tree = Tree::create(spec.clone(), request.size, &state.lookup())
-            .await
-            .map_err(volume_error)?;
+        let volume_error = |source| PoolError::Volume { name: name.to_string(), source };
+        let tree = Tree::create(spec.clone(), request.size, &state.lookup()).await.map_err(volume_error)?;
         let record = VolumeRecord {
             id: Uuid::new_v4(),
             name: name.to_string(),
@@ -521,26 +437,15 @@ impl Pool {
         let mut config = state.config.clone();
         config.volumes.push(record.clone());
         state.commit(config).await?;
-        let volume = Arc::new(Volume {
-            record,
-            tree: Arc::new(tree),
-        });
-        self.volumes
-            .write()
-            .insert(name.to_string(), volume.clone());
+        let volume = Arc::new(Volume { record, tree: Arc::new(tree) });
+        self.volumes.write().insert(name.to_string(), volume.clone());
         Ok(volume)
     }
 
     /// Deletes a volume once the deletion is recorded, then releases its space.
     pub async fn delete_volume(&self, name: &str) -> Result<(), PoolError> {
         let mut state = self.state.lock().await;
-        let Some(record) = state
-            .config
-            .volumes
-            .iter()
-            .find(|v| v.name == name)
-            .cloned()
-        else {
+        let Some(record) = state.config.volumes.iter().find(|v| v.name == name).cloned() else {
             return Err(PoolError::NoSuchVolume(name.to_string()));
         };
         let mut config = state.config.clone();
@@ -548,10 +453,10 @@ impl Pool {
         state.commit(config).await?;
         self.volumes.write().remove(name);
         for (device, offset, length) in record.tree.extents() {
-            if let Some(member) = state.members.get(&device) {
-                if let Err(error) = member.io.discard(offset, length).await {
-                    tracing::warn!(device = %member.name, %error, "could not release the space of a deleted volume");
-                }
+            if let Some(member) = state.members.get(&device)
+                && let Err(error) = member.io.discard(offset, length).await
+            {
+                tracing::warn!(device = %member.name, %error, "could not release the space of a deleted volume");
             }
         }
         Ok(())
@@ -570,12 +475,7 @@ impl Pool {
     /// Every configured device.
     pub async fn devices(&self) -> Vec<DeviceInfo> {
         let state = self.state.lock().await;
-        state
-            .config
-            .devices
-            .iter()
-            .map(|d| device_info(&state, d.id))
-            .collect()
+        state.config.devices.iter().map(|d| device_info(&state, d.id)).collect()
     }
 
     /// Where byte `offset` of a volume lives, on every copy.
@@ -587,32 +487,18 @@ impl Pool {
             .iter()
             .find(|v| v.name == name)
             .ok_or_else(|| PoolError::NoSuchVolume(name.to_string()))?;
-        Ok(if offset < record.size_bytes {
-            strata_volume::map(&record.tree, offset)
-        } else {
-            None
-        })
+        Ok(if offset < record.size_bytes { strata_volume::map(&record.tree, offset) } else { None })
     }
 
     /// The tree of a volume as recorded.
     pub async fn volume_spec(&self, name: &str) -> Option<NodeSpec> {
         let state = self.state.lock().await;
-        state
-            .config
-            .volumes
-            .iter()
-            .find(|v| v.name == name)
-            .map(|v| v.tree.clone())
+        state.config.volumes.iter().find(|v| v.name == name).map(|v| v.tree.clone())
     }
 }
 
 fn device_info(state: &State, id: Uuid) -> DeviceInfo {
-    let record = state
-        .config
-        .devices
-        .iter()
-        .find(|d| d.id == id)
-        .expect("configured device");
+    let record = state.config.devices.iter().find(|d| d.id == id).expect("configured device");
     let planner = state.planner();
     let free = planner
         .devices
@@ -621,19 +507,12 @@ fn device_info(state: &State, id: Uuid) -> DeviceInfo {
         .map_or(0, |d| d.free_extents() as u64 * state.config.extent_size);
     DeviceInfo {
         id,
-        name: state
-            .members
-            .get(&id)
-            .map_or_else(|| record.name.clone(), |m| m.name.clone()),
+        name: state.members.get(&id).map_or_else(|| record.name.clone(), |m| m.name.clone()),
         fault_domain: record.fault_domain.clone(),
         size_bytes: record.size_bytes,
         data_bytes: record.data_size,
         free_bytes: free,
-        state: if state.members.contains_key(&id) {
-            DeviceState::Online
-        } else {
-            DeviceState::Missing
-        },
+        state: if state.members.contains_key(&id) { DeviceState::Online } else { DeviceState::Missing },
         config_replica: state.replicas().contains(&id),
     }
 }

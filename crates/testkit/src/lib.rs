@@ -55,16 +55,11 @@ pub enum Op {
 /// sometimes up to `max_blocks`.
 pub fn ops(volume_blocks: u64, max_blocks: u64, count: usize) -> impl Strategy<Value = Vec<Op>> {
     let range = move || {
-        (
-            0..volume_blocks,
-            prop_oneof![3 => 1..=8u64, 1 => 1..=max_blocks.max(1)],
+        (0..volume_blocks, prop_oneof![3 => 1..=8u64, 1 => 1..=max_blocks.max(1)]).prop_map(
+            move |(block, blocks)| {
+                (block.min(volume_blocks - 1), blocks.min(volume_blocks - block.min(volume_blocks - 1)))
+            },
         )
-            .prop_map(move |(block, blocks)| {
-                (
-                    block.min(volume_blocks - 1),
-                    blocks.min(volume_blocks - block.min(volume_blocks - 1)),
-                )
-            })
     };
     let op = prop_oneof![
         4 => range().prop_map(|(block, blocks)| Op::Read { block, blocks }),
@@ -84,7 +79,7 @@ pub fn pattern(seed: u8, offset: u64, len: usize) -> Vec<u8> {
         .map(|i| {
             let x = (offset + i).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ u64::from(seed).wrapping_mul(0xD6E8_FEB8_6659_FD93);
-            (x >> 29) as u8 ^ (x as u8)
+            ((x >> 29) ^ x).to_le_bytes()[0]
         })
         .collect()
 }
@@ -168,9 +163,7 @@ impl Reference {
                     return Err(format!("durable block {b} changed across the crash"));
                 }
                 Some(options) if !options.contains(&block_hash(got)) => {
-                    return Err(format!(
-                        "block {b} holds contents that were never written there"
-                    ));
+                    return Err(format!("block {b} holds contents that were never written there"));
                 }
                 _ => {}
             }
@@ -186,36 +179,15 @@ pub async fn apply(volume: &dyn BlockIo, reference: &mut Reference, op: &Op) -> 
     let bs = u64::from(volume.geometry().block_size);
     match *op {
         Op::Read { block, blocks } => {
-            let got = volume
-                .read(block * bs, blocks * bs)
-                .await
-                .map_err(|e| format!("{op:?}: {e}"))?;
+            let got = volume.read(block * bs, blocks * bs).await.map_err(|e| format!("{op:?}: {e}"))?;
             if got.as_ref() != reference.read(block * bs, blocks * bs) {
-                let first = got
-                    .iter()
-                    .zip(reference.read(block * bs, blocks * bs))
-                    .position(|(a, b)| a != b);
-                return Err(format!(
-                    "{op:?}: data differs from the reference at byte {first:?}"
-                ));
+                let first = got.iter().zip(reference.read(block * bs, blocks * bs)).position(|(a, b)| a != b);
+                return Err(format!("{op:?}: data differs from the reference at byte {first:?}"));
             }
         }
-        Op::Write {
-            block,
-            blocks,
-            seed,
-            fua,
-        } => {
-            let data = pattern(
-                seed,
-                block * bs,
-                usize::try_from(blocks * bs).expect("fits"),
-            );
-            let durability = if fua {
-                Durability::Fua
-            } else {
-                Durability::Cached
-            };
+        Op::Write { block, blocks, seed, fua } => {
+            let data = pattern(seed, block * bs, usize::try_from(blocks * bs).expect("fits"));
+            let durability = if fua { Durability::Fua } else { Durability::Cached };
             volume
                 .write(block * bs, Bytes::from(data.clone()), durability)
                 .await
@@ -223,17 +195,11 @@ pub async fn apply(volume: &dyn BlockIo, reference: &mut Reference, op: &Op) -> 
             reference.write(block * bs, blocks * bs, Some(&data), durability);
         }
         Op::Discard { block, blocks } => {
-            volume
-                .discard(block * bs, blocks * bs)
-                .await
-                .map_err(|e| format!("{op:?}: {e}"))?;
+            volume.discard(block * bs, blocks * bs).await.map_err(|e| format!("{op:?}: {e}"))?;
             reference.write(block * bs, blocks * bs, None, Durability::Cached);
         }
         Op::WriteZeroes { block, blocks } => {
-            volume
-                .write_zeroes(block * bs, blocks * bs)
-                .await
-                .map_err(|e| format!("{op:?}: {e}"))?;
+            volume.write_zeroes(block * bs, blocks * bs).await.map_err(|e| format!("{op:?}: {e}"))?;
             reference.write(block * bs, blocks * bs, None, Durability::Cached);
         }
         Op::Flush => {
@@ -282,41 +248,22 @@ impl TestPool {
         let mut faulty = Vec::new();
         let mut ids = Vec::new();
         for i in 0..shape.devices {
-            let mem = MemDevice::with_volatile_cache(
-                format!("mem{i}"),
-                shape.device_size,
-                shape.block_size,
-            );
+            let mem = MemDevice::with_volatile_cache(format!("mem{i}"), shape.device_size, shape.block_size);
             let dev = FaultyDevice::new(format!("dev{i}"), mem.clone(), FaultPlan::default());
-            let info = pool
-                .claim(&format!("dev{i}"), dev.clone(), None)
-                .await
-                .expect("claim");
+            let info = pool.claim(&format!("dev{i}"), dev.clone(), None).await.expect("claim");
             memory.push(mem);
             faulty.push(dev);
             ids.push(info.id);
         }
-        Self {
-            pool,
-            memory,
-            faulty,
-            ids,
-        }
+        Self { pool, memory, faulty, ids }
     }
 
     /// Simulates power loss on every device and rebuilds the pool from them.
     pub async fn crash_and_reopen(self, seed: u64) -> Self {
-        let TestPool {
-            pool,
-            memory,
-            faulty,
-            ids,
-        } = self;
+        let TestPool { pool, memory, faulty, ids } = self;
         drop(pool);
         for (i, mem) in memory.iter().enumerate() {
-            mem.crash(CrashPlan::Random {
-                seed: seed.wrapping_add(i as u64),
-            });
+            mem.crash(CrashPlan::Random { seed: seed.wrapping_add(i as u64) });
         }
         let candidates = faulty
             .iter()
@@ -325,20 +272,12 @@ impl TestPool {
             .collect();
         let (pool, report) = Pool::open(candidates).await.expect("reopen");
         assert!(report.failed_volumes.is_empty(), "{report:?}");
-        Self {
-            pool: pool.expect("pool found"),
-            memory,
-            faulty,
-            ids,
-        }
+        Self { pool: pool.expect("pool found"), memory, faulty, ids }
     }
 
     /// The index of a device id.
     pub fn index_of(&self, id: Uuid) -> usize {
-        self.ids
-            .iter()
-            .position(|i| *i == id)
-            .expect("known device")
+        self.ids.iter().position(|i| *i == id).expect("known device")
     }
 }
 
@@ -366,38 +305,19 @@ pub fn survivable_failures(spec: &NodeSpec) -> Option<Vec<Uuid>> {
     let first_device = |leg: &NodeSpec| leg.devices()[0];
     match spec {
         NodeSpec::Mirror { children, .. } => Some(vec![first_device(&children[0])]),
-        NodeSpec::Parity {
-            level, children, ..
-        } => Some(
-            children
-                .iter()
-                .take(level.parity_members())
-                .map(first_device)
-                .collect(),
-        ),
+        NodeSpec::Parity { level, children, .. } => {
+            Some(children.iter().take(level.parity_members()).map(first_device).collect())
+        }
         NodeSpec::Stripe { children, .. }
-            if children
-                .iter()
-                .all(|c| matches!(c, NodeSpec::Mirror { .. })) =>
+            if children.iter().all(|c| matches!(c, NodeSpec::Mirror { .. })) =>
         {
             let sets: Vec<&Vec<NodeSpec>> = children
                 .iter()
-                .filter_map(|c| {
-                    if let NodeSpec::Mirror { children, .. } = c {
-                        Some(children)
-                    } else {
-                        None
-                    }
-                })
+                .filter_map(|c| if let NodeSpec::Mirror { children, .. } = c { Some(children) } else { None })
                 .collect();
             let chosen: Vec<Uuid> = sets.iter().map(|legs| first_device(&legs[0])).collect();
-            let survives = sets
-                .iter()
-                .all(|legs| legs.iter().any(|l| !chosen.contains(&first_device(l))));
-            assert!(
-                survives,
-                "mirror sets share devices; choose a geometry with disjoint sets"
-            );
+            let survives = sets.iter().all(|legs| legs.iter().any(|l| !chosen.contains(&first_device(l))));
+            assert!(survives, "mirror sets share devices; choose a geometry with disjoint sets");
             Some(chosen)
         }
         _ => None,
@@ -408,12 +328,7 @@ pub fn survivable_failures(spec: &NodeSpec) -> Option<Vec<Uuid>> {
 async fn read_leg(spec: &NodeSpec, devices: &BTreeMap<Uuid, Arc<dyn BlockIo>>) -> Vec<u8> {
     let mut out = Vec::new();
     for (device, offset, length) in spec.extents() {
-        out.extend_from_slice(
-            &devices[&device]
-                .read(offset, length)
-                .await
-                .expect("leg readable"),
-        );
+        out.extend_from_slice(&devices[&device].read(offset, length).await.expect("leg readable"));
     }
     out
 }
@@ -441,12 +356,7 @@ pub async fn check_redundancy(
             }
             Ok(())
         }
-        NodeSpec::Parity {
-            level,
-            chunk,
-            children,
-            ..
-        } => {
+        NodeSpec::Parity { level, chunk, children, .. } => {
             let members: Vec<Vec<u8>> = futures_join(children, devices).await;
             let n = members.len();
             let parity = level.parity_members();
@@ -479,10 +389,7 @@ pub async fn check_redundancy(
     }
 }
 
-async fn futures_join(
-    children: &[NodeSpec],
-    devices: &BTreeMap<Uuid, Arc<dyn BlockIo>>,
-) -> Vec<Vec<u8>> {
+async fn futures_join(children: &[NodeSpec], devices: &BTreeMap<Uuid, Arc<dyn BlockIo>>) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for c in children {
         out.push(read_leg(c, devices).await);
@@ -513,16 +420,10 @@ fn gf_pow2(k: usize) -> u8 {
 
 /// Cases per property: `STRATA_PROPTEST_CASES`, or `default` for the inner loop.
 pub fn cases(default: u32) -> u32 {
-    std::env::var("STRATA_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var("STRATA_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// A current-thread runtime for one property case.
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }

@@ -42,12 +42,7 @@ fn geometry(layout: Layout) -> impl Strategy<Value = Geometry> {
                 Layout::Linear | Layout::Mirror => 3,
                 _ => width as usize,
             };
-            Geometry {
-                devices,
-                block_size,
-                width,
-                chunk: chunk.max(u64::from(block_size)),
-            }
+            Geometry { devices, block_size, width, chunk: chunk.max(u64::from(block_size)) }
         })
 }
 
@@ -61,11 +56,8 @@ async fn setup(layout: Layout, g: Geometry) -> (TestPool, Arc<dyn BlockIo>) {
         extent_size: 1 << 20,
     };
     let pool = TestPool::new(shape).await;
-    let volume = pool
-        .pool
-        .create_volume("v", request(layout, VOLUME, g.width, g.chunk))
-        .await
-        .expect("create volume");
+    let volume =
+        pool.pool.create_volume("v", request(layout, VOLUME, g.width, g.chunk)).await.expect("create volume");
     let io: Arc<dyn BlockIo> = volume.io();
     (pool, io)
 }
@@ -91,18 +83,10 @@ fn io_matches_reference(layout: Layout, g: Geometry, ops: Vec<Op>) -> Result<(),
         let (_pool, volume) = setup(layout, g).await;
         let mut reference = Reference::new(VOLUME, g.block_size);
         for op in &ops {
-            apply(volume.as_ref(), &mut reference, op)
-                .await
-                .map_err(TestCaseError::fail)?;
+            apply(volume.as_ref(), &mut reference, op).await.map_err(TestCaseError::fail)?;
         }
-        let all = volume
-            .read(0, VOLUME)
-            .await
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert!(
-            all.as_ref() == reference.read(0, VOLUME),
-            "final image differs"
-        );
+        let all = volume.read(0, VOLUME).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(all.as_ref() == reference.read(0, VOLUME), "final image differs");
         Ok(())
     })
 }
@@ -122,46 +106,24 @@ fn survives_device_failure(
         let mut reference = Reference::new(VOLUME, g.block_size);
         for (i, op) in ops.iter().enumerate() {
             if i == fail_at % ops.len() {
-                doomed
-                    .iter()
-                    .for_each(|id| pool.faulty[pool.index_of(*id)].disappear());
+                doomed.iter().for_each(|id| pool.faulty[pool.index_of(*id)].disappear());
             }
-            apply(volume.as_ref(), &mut reference, op)
-                .await
-                .map_err(TestCaseError::fail)?;
+            apply(volume.as_ref(), &mut reference, op).await.map_err(TestCaseError::fail)?;
         }
-        doomed
-            .iter()
-            .for_each(|id| pool.faulty[pool.index_of(*id)].disappear());
-        let all = volume
-            .read(0, VOLUME)
-            .await
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert!(
-            all.as_ref() == reference.read(0, VOLUME),
-            "degraded image differs"
-        );
+        doomed.iter().for_each(|id| pool.faulty[pool.index_of(*id)].disappear());
+        let all = volume.read(0, VOLUME).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(all.as_ref() == reference.read(0, VOLUME), "degraded image differs");
         prop_assert_eq!(
             pool.pool.volume("v").expect("volume").info().state,
             strata_volume::VolumeState::Degraded
         );
 
         // Rebuild from the survivors, then bring the lost devices back: they catch up.
-        volume
-            .flush()
-            .await
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        volume.flush().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
         drop(volume);
         let reopened = pool.crash_and_reopen(0).await;
-        let volume = reopened
-            .pool
-            .volume("v")
-            .expect("volume after rebuild")
-            .io();
-        let all = volume
-            .read(0, VOLUME)
-            .await
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let volume = reopened.pool.volume("v").expect("volume after rebuild").io();
+        let all = volume.read(0, VOLUME).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(
             all.as_ref() == reference.read(0, VOLUME),
             "image differs after rebuild without the lost devices"
@@ -184,35 +146,20 @@ fn survives_crash(
         let (pool, volume) = setup(layout, g).await;
         let mut reference = Reference::new(VOLUME, g.block_size);
         for op in ops.iter().take(crash_at % (ops.len() + 1)) {
-            apply(volume.as_ref(), &mut reference, op)
-                .await
-                .map_err(TestCaseError::fail)?;
+            apply(volume.as_ref(), &mut reference, op).await.map_err(TestCaseError::fail)?;
         }
         drop(volume);
         let pool = pool.crash_and_reopen(seed).await;
         let volume = pool.pool.volume("v").expect("volume after crash").io();
-        let all = volume
-            .read(0, VOLUME)
-            .await
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        reference
-            .check_after_crash(&all)
-            .map_err(TestCaseError::fail)?;
-        let devices: BTreeMap<_, Arc<dyn BlockIo>> = pool
-            .ids
-            .iter()
-            .zip(&pool.memory)
-            .map(|(id, m)| (*id, m.clone() as Arc<dyn BlockIo>))
-            .collect();
+        let all = volume.read(0, VOLUME).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        reference.check_after_crash(&all).map_err(TestCaseError::fail)?;
+        let devices: BTreeMap<_, Arc<dyn BlockIo>> =
+            pool.ids.iter().zip(&pool.memory).map(|(id, m)| (*id, m.clone() as Arc<dyn BlockIo>)).collect();
         let spec = pool.pool.volume_spec("v").await.expect("spec");
-        check_redundancy(&spec, &devices)
-            .await
-            .map_err(TestCaseError::fail)?;
+        check_redundancy(&spec, &devices).await.map_err(TestCaseError::fail)?;
         // The volume keeps working after recovery.
         for op in ops.iter().skip(crash_at % (ops.len() + 1)).take(10) {
-            apply(volume.as_ref(), &mut reference, op)
-                .await
-                .map_err(TestCaseError::fail)?;
+            apply(volume.as_ref(), &mut reference, op).await.map_err(TestCaseError::fail)?;
         }
         Ok(())
     })

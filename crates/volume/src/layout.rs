@@ -16,7 +16,7 @@ pub const DEFAULT_CHUNK: u64 = 64 * 1024;
 const MIN_REGION: u64 = 64 * 1024;
 const MAX_REGIONS: u64 = 32 * 1024;
 /// Bytes before the bits in an encoded bitmap (see `nodes::bitmap`).
-pub(crate) const BITMAP_HEADER: u64 = 64;
+pub(crate) const BITMAP_HEADER: usize = 64;
 
 /// The shapes a volume can take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -38,14 +38,8 @@ pub enum Layout {
 
 impl Layout {
     /// Every layout, in the order the CLI lists them.
-    pub const ALL: [Layout; 6] = [
-        Layout::Linear,
-        Layout::Stripe,
-        Layout::Mirror,
-        Layout::Raid10,
-        Layout::Raid5,
-        Layout::Raid6,
-    ];
+    pub const ALL: [Layout; 6] =
+        [Layout::Linear, Layout::Stripe, Layout::Mirror, Layout::Raid10, Layout::Raid5, Layout::Raid6];
 
     fn min_width(self) -> u32 {
         match self {
@@ -123,9 +117,7 @@ pub enum LayoutError {
         rounded: u64,
     },
     /// Bad chunk.
-    #[error(
-        "Chunk size {chunk} must be a power of two between {block_size} and 16 MiB, e.g. 65536"
-    )]
+    #[error("Chunk size {chunk} must be a power of two between {block_size} and 16 MiB, e.g. 65536")]
     BadChunk {
         /// Requested chunk.
         chunk: u64,
@@ -227,13 +219,7 @@ struct Shape {
 impl VolumeRequest {
     /// A request with the layout's defaults.
     pub fn new(size: u64, layout: Layout) -> Self {
-        Self {
-            size,
-            layout,
-            copies: None,
-            width: None,
-            chunk: None,
-        }
+        Self { size, layout, copies: None, width: None, chunk: None }
     }
 
     fn shape(&self, block_size: u32, devices: usize) -> Result<Shape, LayoutError> {
@@ -243,16 +229,8 @@ impl VolumeRequest {
         }
         let bs = u64::from(block_size);
         if !self.size.is_multiple_of(bs) {
-            let rounded = self
-                .size
-                .div_ceil(bs)
-                .checked_mul(bs)
-                .ok_or(LayoutError::TooLarge(self.size))?;
-            return Err(LayoutError::UnalignedSize {
-                size: self.size,
-                block_size,
-                rounded,
-            });
+            let rounded = self.size.div_ceil(bs).checked_mul(bs).ok_or(LayoutError::TooLarge(self.size))?;
+            return Err(LayoutError::UnalignedSize { size: self.size, block_size, rounded });
         }
         let uses_copies = matches!(layout, Layout::Mirror | Layout::Raid10);
         let uses_width = !matches!(layout, Layout::Linear | Layout::Mirror);
@@ -266,18 +244,9 @@ impl VolumeRequest {
         if self.chunk.is_some() && !uses_width {
             return Err(unused("chunk"));
         }
-        let copies = if uses_copies {
-            self.copies.unwrap_or(2)
-        } else {
-            1
-        };
+        let copies = if uses_copies { self.copies.unwrap_or(2) } else { 1 };
         if uses_copies && copies < 2 {
-            return Err(LayoutError::TooSmall {
-                layout,
-                parameter: "copies",
-                min: 2,
-                given: copies,
-            });
+            return Err(LayoutError::TooSmall { layout, parameter: "copies", min: 2, given: copies });
         }
         let devices = u32::try_from(devices).unwrap_or(u32::MAX);
         let default_width = match layout {
@@ -294,49 +263,30 @@ impl VolumeRequest {
                 given: width,
             });
         }
-        let chunk = if uses_width {
-            self.chunk.unwrap_or(DEFAULT_CHUNK)
-        } else {
-            DEFAULT_CHUNK
-        };
+        let chunk = if uses_width { self.chunk.unwrap_or(DEFAULT_CHUNK) } else { DEFAULT_CHUNK };
         if !chunk.is_power_of_two() || chunk < bs || chunk > 16 << 20 {
             return Err(LayoutError::BadChunk { chunk, block_size });
         }
-        Ok(Shape {
-            layout,
-            copies,
-            width,
-            chunk,
-        })
+        Ok(Shape { layout, copies, width, chunk })
     }
 
     /// Builds the volume tree, taking space from `alloc`. On error nothing has been
     /// committed: the caller discards the allocator's changes.
     pub fn plan(&self, alloc: &mut dyn Allocator) -> Result<NodeSpec, LayoutError> {
-        let Shape {
-            layout,
-            copies,
-            width,
-            chunk,
-        } = self.shape(alloc.block_size(), alloc.device_count())?;
+        let Shape { layout, copies, width, chunk } = self.shape(alloc.block_size(), alloc.device_count())?;
         let size = self.size;
         let bs = u64::from(alloc.block_size());
         let width_n = width as usize;
         let per_leg = |data_width: u64| -> Result<u64, LayoutError> {
             let row = chunk * data_width;
-            size.div_ceil(row)
-                .checked_mul(chunk)
-                .ok_or(LayoutError::TooLarge(size))
+            size.div_ceil(row).checked_mul(chunk).ok_or(LayoutError::TooLarge(size))
         };
         Ok(match layout {
             Layout::Linear => alloc.allocate_linear(size)?,
             Layout::Stripe => {
                 let leg = per_leg(u64::from(width))?;
                 let legs = alloc.allocate_set(layout, "width", width_n, leg, 0)?;
-                NodeSpec::Stripe {
-                    chunk,
-                    children: legs.into_iter().map(|l| l.data).collect(),
-                }
+                NodeSpec::Stripe { chunk, children: legs.into_iter().map(|l| l.data).collect() }
             }
             Layout::Mirror => mirror(alloc, layout, copies as usize, size, bs)?,
             Layout::Raid10 => {
@@ -347,12 +297,8 @@ impl VolumeRequest {
                 NodeSpec::Stripe { chunk, children }
             }
             Layout::Raid5 | Layout::Raid6 => {
-                let level = if layout == Layout::Raid5 {
-                    ParityLevel::Single
-                } else {
-                    ParityLevel::Double
-                };
-                let data_width = width - level.parity_members() as u32;
+                let level = if layout == Layout::Raid5 { ParityLevel::Single } else { ParityLevel::Double };
+                let data_width = if level == ParityLevel::Single { width - 1 } else { width - 2 };
                 let leg = per_leg(u64::from(data_width))?;
                 let region = region_size(leg * u64::from(data_width));
                 let bitmap_size = bitmap_bytes(leg * u64::from(data_width), region, bs);
@@ -362,10 +308,7 @@ impl VolumeRequest {
                     level,
                     chunk,
                     children,
-                    bitmap: BitmapSpec {
-                        region_size: region,
-                        copies,
-                    },
+                    bitmap: BitmapSpec { region_size: region, copies },
                 }
             }
         })
@@ -380,40 +323,24 @@ fn mirror(
     bs: u64,
 ) -> Result<NodeSpec, LayoutError> {
     let region = region_size(size);
-    let legs = alloc.allocate_set(
-        layout,
-        "copies",
-        copies,
-        size,
-        bitmap_bytes(size, region, bs),
-    )?;
+    let legs = alloc.allocate_set(layout, "copies", copies, size, bitmap_bytes(size, region, bs))?;
     let (children, copies) = split_legs(legs);
-    Ok(NodeSpec::Mirror {
-        children,
-        bitmap: BitmapSpec {
-            region_size: region,
-            copies,
-        },
-    })
+    Ok(NodeSpec::Mirror { children, bitmap: BitmapSpec { region_size: region, copies } })
 }
 
 fn split_legs(legs: Vec<AllocatedLeg>) -> (Vec<NodeSpec>, Vec<NodeSpec>) {
-    legs.into_iter()
-        .map(|l| (l.data, l.bitmap.expect("bitmap requested")))
-        .unzip()
+    legs.into_iter().map(|l| (l.data, l.bitmap.expect("bitmap requested"))).unzip()
 }
 
 /// The write-intent region for a node of `size` bytes.
 pub fn region_size(size: u64) -> u64 {
-    size.div_ceil(MAX_REGIONS)
-        .next_power_of_two()
-        .max(MIN_REGION)
+    size.div_ceil(MAX_REGIONS).next_power_of_two().max(MIN_REGION)
 }
 
 /// Bytes an encoded bitmap of a `size`-byte node takes, rounded up to the block size.
 pub fn bitmap_bytes(size: u64, region: u64, block_size: u64) -> u64 {
     let regions = size.div_ceil(region);
-    (BITMAP_HEADER + regions.div_ceil(8)).div_ceil(block_size) * block_size
+    (BITMAP_HEADER as u64 + regions.div_ceil(8)).div_ceil(block_size) * block_size
 }
 
 #[cfg(test)]
@@ -453,11 +380,7 @@ mod tests {
                     let device = uuid::Uuid::from_u128(i as u128);
                     self.1 += leg + bm;
                     AllocatedLeg {
-                        data: NodeSpec::Extent {
-                            device,
-                            offset: self.1,
-                            length: leg,
-                        },
+                        data: NodeSpec::Extent { device, offset: self.1, length: leg },
                         bitmap: (bm > 0).then(|| NodeSpec::Extent {
                             device,
                             offset: self.1 + leg,
@@ -468,11 +391,7 @@ mod tests {
                 .collect())
         }
         fn allocate_linear(&mut self, size: u64) -> Result<NodeSpec, LayoutError> {
-            Ok(NodeSpec::Extent {
-                device: uuid::Uuid::nil(),
-                offset: 0,
-                length: size,
-            })
+            Ok(NodeSpec::Extent { device: uuid::Uuid::nil(), offset: 0, length: size })
         }
     }
 
@@ -492,52 +411,19 @@ mod tests {
     fn malformed_requests_are_errors_that_say_what_to_change() {
         let cases = [
             (VolumeRequest::new(0, Layout::Linear), "greater than zero"),
+            (VolumeRequest::new(1000, Layout::Linear), "round it up to 4096"),
+            (VolumeRequest { width: Some(5), ..VolumeRequest::new(1 << 20, Layout::Stripe) }, "lower width"),
             (
-                VolumeRequest::new(1000, Layout::Linear),
-                "round it up to 4096",
-            ),
-            (
-                VolumeRequest {
-                    width: Some(5),
-                    ..VolumeRequest::new(1 << 20, Layout::Stripe)
-                },
-                "lower width",
-            ),
-            (
-                VolumeRequest {
-                    copies: Some(3),
-                    ..VolumeRequest::new(1 << 20, Layout::Mirror)
-                },
+                VolumeRequest { copies: Some(3), ..VolumeRequest::new(1 << 20, Layout::Mirror) },
                 "lower copies",
             ),
             (
-                VolumeRequest {
-                    chunk: Some(3000),
-                    ..VolumeRequest::new(1 << 20, Layout::Stripe)
-                },
+                VolumeRequest { chunk: Some(3000), ..VolumeRequest::new(1 << 20, Layout::Stripe) },
                 "power of two",
             ),
-            (
-                VolumeRequest {
-                    copies: Some(1),
-                    ..VolumeRequest::new(1 << 20, Layout::Mirror)
-                },
-                "at least 2",
-            ),
-            (
-                VolumeRequest {
-                    width: Some(2),
-                    ..VolumeRequest::new(1 << 20, Layout::Raid5)
-                },
-                "at least 3",
-            ),
-            (
-                VolumeRequest {
-                    width: Some(2),
-                    ..VolumeRequest::new(1 << 20, Layout::Mirror)
-                },
-                "leave it out",
-            ),
+            (VolumeRequest { copies: Some(1), ..VolumeRequest::new(1 << 20, Layout::Mirror) }, "at least 2"),
+            (VolumeRequest { width: Some(2), ..VolumeRequest::new(1 << 20, Layout::Raid5) }, "at least 3"),
+            (VolumeRequest { width: Some(2), ..VolumeRequest::new(1 << 20, Layout::Mirror) }, "leave it out"),
         ];
         for (request, expected) in cases {
             let message = plan(request.clone(), 2).unwrap_err().to_string();

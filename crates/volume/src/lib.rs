@@ -15,8 +15,7 @@ mod spec;
 mod tree;
 
 pub use layout::{
-    AllocatedLeg, Allocator, DEFAULT_CHUNK, Layout, LayoutError, VolumeRequest, bitmap_bytes,
-    region_size,
+    AllocatedLeg, Allocator, DEFAULT_CHUNK, Layout, LayoutError, VolumeRequest, bitmap_bytes, region_size,
 };
 pub use map::{Location, Role, map};
 pub use spec::{BitmapSpec, DeviceId, NodeSpec, ParityLevel};

@@ -43,16 +43,8 @@ pub fn map(spec: &NodeSpec, offset: u64) -> Option<Vec<Location>> {
 
 fn walk(spec: &NodeSpec, offset: u64, role: Role, out: &mut Vec<Location>) {
     match spec {
-        NodeSpec::Extent {
-            device,
-            offset: start,
-            ..
-        } => {
-            out.push(Location {
-                device: *device,
-                device_offset: start + offset,
-                role,
-            });
+        NodeSpec::Extent { device, offset: start, .. } => {
+            out.push(Location { device: *device, device_offset: start + offset, role });
         }
         NodeSpec::Concat { children } => {
             let mut at = offset;
@@ -71,20 +63,11 @@ fn walk(spec: &NodeSpec, offset: u64, role: Role, out: &mut Vec<Location>) {
         }
         NodeSpec::Mirror { children, .. } => {
             for (i, child) in children.iter().enumerate() {
-                let leg_role = if role == Role::Data {
-                    Role::Copy(i)
-                } else {
-                    role
-                };
+                let leg_role = if role == Role::Data { Role::Copy(i) } else { role };
                 walk(child, offset, leg_role, out);
             }
         }
-        NodeSpec::Parity {
-            level,
-            chunk,
-            children,
-            ..
-        } => {
+        NodeSpec::Parity { level, chunk, children, .. } => {
             let n = children.len();
             let parity = level.parity_members();
             let d = (n - parity) as u64;

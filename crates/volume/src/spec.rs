@@ -90,12 +90,8 @@ impl NodeSpec {
             NodeSpec::Stripe { children, .. } => {
                 children.iter().map(NodeSpec::size).min().unwrap_or(0) * children.len() as u64
             }
-            NodeSpec::Mirror { children, .. } => {
-                children.iter().map(NodeSpec::size).min().unwrap_or(0)
-            }
-            NodeSpec::Parity {
-                level, children, ..
-            } => {
+            NodeSpec::Mirror { children, .. } => children.iter().map(NodeSpec::size).min().unwrap_or(0),
+            NodeSpec::Parity { level, children, .. } => {
                 let data = children.len().saturating_sub(level.parity_members()) as u64;
                 children.iter().map(NodeSpec::size).min().unwrap_or(0) * data
             }
@@ -111,18 +107,11 @@ impl NodeSpec {
 
     fn visit_extents(&self, f: &mut dyn FnMut(DeviceId, u64, u64)) {
         match self {
-            NodeSpec::Extent {
-                device,
-                offset,
-                length,
-            } => f(*device, *offset, *length),
+            NodeSpec::Extent { device, offset, length } => f(*device, *offset, *length),
             NodeSpec::Concat { children } | NodeSpec::Stripe { children, .. } => {
                 children.iter().for_each(|c| c.visit_extents(f));
             }
-            NodeSpec::Mirror { children, bitmap }
-            | NodeSpec::Parity {
-                children, bitmap, ..
-            } => {
+            NodeSpec::Mirror { children, bitmap } | NodeSpec::Parity { children, bitmap, .. } => {
                 children.iter().for_each(|c| c.visit_extents(f));
                 bitmap.copies.iter().for_each(|c| c.visit_extents(f));
             }

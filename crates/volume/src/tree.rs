@@ -57,9 +57,7 @@ pub enum VolumeState {
 #[non_exhaustive]
 pub enum BuildError {
     /// An extent reaches past the end of its device.
-    #[error(
-        "Extent at {offset}+{length} is beyond the end of device {device} ({device_size} bytes)"
-    )]
+    #[error("Extent at {offset}+{length} is beyond the end of device {device} ({device_size} bytes)")]
     ExtentOutOfRange {
         /// The device.
         device: DeviceId,
@@ -99,27 +97,17 @@ struct Builder<'a> {
 }
 
 fn malformed(node: &'static str, reason: impl Into<String>) -> BuildError {
-    BuildError::Malformed {
-        node,
-        reason: reason.into(),
-    }
+    BuildError::Malformed { node, reason: reason.into() }
 }
 
 impl Builder<'_> {
     fn node(&mut self, spec: &NodeSpec) -> Result<Arc<dyn BlockIo>, BuildError> {
         Ok(match spec {
-            NodeSpec::Extent {
-                device,
-                offset,
-                length,
-            } => match (self.lookup)(*device) {
+            NodeSpec::Extent { device, offset, length } => match (self.lookup)(*device) {
                 Some(dev) => {
                     let g = dev.geometry();
                     let bs = u64::from(g.block_size);
-                    if offset
-                        .checked_add(*length)
-                        .is_none_or(|end| end > g.size_bytes)
-                    {
+                    if offset.checked_add(*length).is_none_or(|end| end > g.size_bytes) {
                         return Err(BuildError::ExtentOutOfRange {
                             device: *device,
                             offset: *offset,
@@ -153,30 +141,15 @@ impl Builder<'_> {
             NodeSpec::Mirror { children, bitmap } => {
                 check_members("mirror", children, 1, None)?;
                 let copies = self.bitmap(spec.size(), bitmap)?;
-                let node = Arc::new(Mirror::new(
-                    self.children(children)?,
-                    bitmap.region_size,
-                    copies,
-                ));
+                let node = Arc::new(Mirror::new(self.children(children)?, bitmap.region_size, copies));
                 self.redundant.push(node.clone());
                 node
             }
-            NodeSpec::Parity {
-                level,
-                chunk,
-                children,
-                bitmap,
-            } => {
+            NodeSpec::Parity { level, chunk, children, bitmap } => {
                 check_members("parity", children, level.parity_members() + 2, Some(*chunk))?;
                 let copies = self.bitmap(spec.size(), bitmap)?;
                 let members = self.children(children)?;
-                let node = Arc::new(Parity::new(
-                    *level,
-                    *chunk,
-                    members,
-                    bitmap.region_size,
-                    copies,
-                ));
+                let node = Arc::new(Parity::new(*level, *chunk, members, bitmap.region_size, copies));
                 self.redundant.push(node.clone());
                 node
             }
@@ -187,20 +160,11 @@ impl Builder<'_> {
         specs.iter().map(|s| self.node(s)).collect()
     }
 
-    fn bitmap(
-        &mut self,
-        node_size: u64,
-        spec: &BitmapSpec,
-    ) -> Result<Vec<Arc<dyn BlockIo>>, BuildError> {
-        if spec.copies.is_empty() || !spec.region_size.is_power_of_two() || spec.region_size < 4096
-        {
+    fn bitmap(&mut self, node_size: u64, spec: &BitmapSpec) -> Result<Vec<Arc<dyn BlockIo>>, BuildError> {
+        if spec.copies.is_empty() || !spec.region_size.is_power_of_two() || spec.region_size < 4096 {
             return Err(malformed(
                 "bitmap",
-                format!(
-                    "region {} with {} copies",
-                    spec.region_size,
-                    spec.copies.len()
-                ),
+                format!("region {} with {} copies", spec.region_size, spec.copies.len()),
             ));
         }
         let missing = self.missing;
@@ -211,10 +175,7 @@ impl Builder<'_> {
         if let Some(small) = spec.copies.iter().find(|c| c.size() < need) {
             return Err(malformed(
                 "bitmap",
-                format!(
-                    "copy of {} bytes is smaller than the {need} bytes needed",
-                    small.size()
-                ),
+                format!("copy of {} bytes is smaller than the {need} bytes needed", small.size()),
             ));
         }
         Ok(copies)
@@ -230,18 +191,12 @@ fn check_members(
     if children.len() < min || children.len() > 64 {
         return Err(malformed(
             node,
-            format!(
-                "{} children; between {min} and 64 are allowed",
-                children.len()
-            ),
+            format!("{} children; between {min} and 64 are allowed", children.len()),
         ));
     }
     if let Some(chunk) = chunk {
         if !chunk.is_power_of_two() || chunk < 512 {
-            return Err(malformed(
-                node,
-                format!("chunk {chunk} is not a power of two of at least 512"),
-            ));
+            return Err(malformed(node, format!("chunk {chunk} is not a power of two of at least 512")));
         }
         if children.iter().any(|c| c.size() < chunk) {
             return Err(malformed(node, "a child is smaller than one chunk"));
@@ -256,36 +211,22 @@ fn check_members(
 
 impl Tree {
     fn build(spec: NodeSpec, size: u64, lookup: DeviceLookup<'_>) -> Result<Self, BuildError> {
-        let mut builder = Builder {
-            lookup,
-            redundant: Vec::new(),
-            missing: false,
-        };
+        let mut builder = Builder { lookup, redundant: Vec::new(), missing: false };
         let root = builder.node(&spec)?;
         let g = root.geometry();
-        if size == 0 || size > g.size_bytes || size % u64::from(g.block_size) != 0 {
+        if size == 0 || size > g.size_bytes || !size.is_multiple_of(u64::from(g.block_size)) {
             return Err(malformed(
                 "volume",
                 format!("size {size} does not fit the {}-byte tree", g.size_bytes),
             ));
         }
-        Ok(Self {
-            spec,
-            size,
-            root,
-            redundant: builder.redundant,
-            missing: builder.missing,
-        })
+        Ok(Self { spec, size, root, redundant: builder.redundant, missing: builder.missing })
     }
 
     /// Builds a tree on newly allocated space and writes its clean bitmaps. The data of a
     /// new volume is whatever the extents held: members of a mirror or parity set agree
     /// once every block has been written, so hosts must not read before writing.
-    pub async fn create(
-        spec: NodeSpec,
-        size: u64,
-        lookup: DeviceLookup<'_>,
-    ) -> Result<Self, TreeError> {
+    pub async fn create(spec: NodeSpec, size: u64, lookup: DeviceLookup<'_>) -> Result<Self, TreeError> {
         let tree = Self::build(spec, size, lookup)?;
         tree.zero_fill().await?;
         for node in &tree.redundant {
@@ -295,11 +236,7 @@ impl Tree {
     }
 
     /// Opens an existing tree: builds it and resyncs what its bitmaps say may differ.
-    pub async fn open(
-        spec: NodeSpec,
-        size: u64,
-        lookup: DeviceLookup<'_>,
-    ) -> Result<Self, TreeError> {
+    pub async fn open(spec: NodeSpec, size: u64, lookup: DeviceLookup<'_>) -> Result<Self, TreeError> {
         let tree = Self::build(spec, size, lookup)?;
         for node in &tree.redundant {
             let dirty = node.recover().await?;
@@ -339,8 +276,7 @@ impl Tree {
     /// Healthy, degraded or failed.
     pub fn state(&self) -> VolumeState {
         let nodes = self.node_health();
-        if nodes.iter().any(|n| n.failed.len() > n.tolerance) || (self.missing && nodes.is_empty())
-        {
+        if nodes.iter().any(|n| n.failed.len() > n.tolerance) || (self.missing && nodes.is_empty()) {
             VolumeState::Failed
         } else if self.missing || nodes.iter().any(|n| !n.failed.is_empty()) {
             VolumeState::Degraded
@@ -364,10 +300,7 @@ pub enum TreeError {
 #[async_trait]
 impl BlockIo for Tree {
     fn geometry(&self) -> Geometry {
-        Geometry {
-            block_size: self.root.geometry().block_size,
-            size_bytes: self.size,
-        }
+        Geometry { block_size: self.root.geometry().block_size, size_bytes: self.size }
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
@@ -376,8 +309,7 @@ impl BlockIo for Tree {
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
-        self.geometry()
-            .check(IoOp::Write, offset, data.len() as u64)?;
+        self.geometry().check(IoOp::Write, offset, data.len() as u64)?;
         self.root.write(offset, data, durability).await
     }
 

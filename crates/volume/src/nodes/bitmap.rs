@@ -102,14 +102,9 @@ fn set(bits: &mut [u64], r: usize, on: bool) {
 
 impl Bitmap {
     pub(crate) fn new(node_size: u64, region_size: u64, copies: Vec<Arc<dyn BlockIo>>) -> Self {
-        let regions =
-            usize::try_from(node_size.div_ceil(region_size)).expect("region count fits usize");
-        let block = copies
-            .iter()
-            .map(|c| u64::from(c.geometry().block_size))
-            .max()
-            .unwrap_or(512);
-        let encoded_len = (BITMAP_HEADER + (regions as u64).div_ceil(8)).div_ceil(block) * block;
+        let regions = usize::try_from(node_size.div_ceil(region_size)).expect("region count fits usize");
+        let block = copies.iter().map(|c| u64::from(c.geometry().block_size)).max().unwrap_or(512);
+        let encoded_len = (BITMAP_HEADER as u64 + (regions as u64).div_ceil(8)).div_ceil(block) * block;
         let copy_ok = vec![true; copies.len()];
         Self {
             region_size,
@@ -124,10 +119,7 @@ impl Bitmap {
                 failed_mask: 0,
                 previous_flush: 0,
             }),
-            io: tokio::sync::Mutex::new(IoState {
-                generation: 0,
-                copy_ok,
-            }),
+            io: tokio::sync::Mutex::new(IoState { generation: 0, copy_ok }),
         }
     }
 
@@ -148,7 +140,7 @@ impl Bitmap {
         buf[24..32].copy_from_slice(&self.region_size.to_le_bytes());
         buf[32..40].copy_from_slice(&(self.regions as u64).to_le_bytes());
         buf[40..48].copy_from_slice(&failed_mask.to_le_bytes());
-        let header = BITMAP_HEADER as usize;
+        let header = BITMAP_HEADER;
         for r in 0..self.regions {
             if bit(bits, r) {
                 buf[header + r / 8] |= 1 << (r % 8);
@@ -176,7 +168,7 @@ impl Bitmap {
         {
             return None;
         }
-        let header = BITMAP_HEADER as usize;
+        let header = BITMAP_HEADER;
         let mut bits = vec![0u64; self.regions.div_ceil(64)];
         for r in 0..self.regions {
             set(&mut bits, r, raw[header + r / 8] & (1 << (r % 8)) != 0);
@@ -198,9 +190,7 @@ impl Bitmap {
     /// Reads every copy and adopts the newest valid one.
     pub(crate) async fn load(&self) -> Loaded {
         let mut io = self.io.lock().await;
-        let reads =
-            futures::future::join_all(self.copies.iter().map(|c| c.read(0, self.encoded_len)))
-                .await;
+        let reads = futures::future::join_all(self.copies.iter().map(|c| c.read(0, self.encoded_len))).await;
         let mut best: Option<(u64, Vec<u64>, u64)> = None;
         for (i, read) in reads.into_iter().enumerate() {
             let Ok(raw) = read else {
@@ -216,48 +206,28 @@ impl Bitmap {
             }
         }
         let mut state = self.state.lock();
-        let loaded = match best {
+        match best {
             Some((generation, bits, failed_mask)) => {
                 io.generation = generation;
                 let dirty = (0..self.regions).filter(|&r| bit(&bits, r)).collect();
                 state.durable = bits;
                 state.failed_mask = failed_mask;
-                Loaded {
-                    dirty,
-                    failed_mask,
-                    readable: true,
-                }
+                Loaded { dirty, failed_mask, readable: true }
             }
             None => {
                 state.durable = vec![u64::MAX; self.regions.div_ceil(64)];
-                Loaded {
-                    dirty: (0..self.regions).collect(),
-                    failed_mask: 0,
-                    readable: false,
-                }
+                Loaded { dirty: (0..self.regions).collect(), failed_mask: 0, readable: false }
             }
-        };
-        loaded
+        }
     }
 
     /// Writes an encoding of `bits` to every working copy; succeeds if one copy took it.
-    async fn persist(
-        &self,
-        io: &mut IoState,
-        bits: &[u64],
-        failed_mask: u64,
-    ) -> Result<(), IoError> {
+    async fn persist(&self, io: &mut IoState, bits: &[u64], failed_mask: u64) -> Result<(), IoError> {
         io.generation += 1;
         let encoded = self.encode(io.generation, bits, failed_mask);
         let writes = self.copies.iter().zip(&io.copy_ok).map(|(copy, ok)| {
             let encoded = encoded.clone();
-            async move {
-                if *ok {
-                    copy.write(0, encoded, Durability::Fua).await.is_ok()
-                } else {
-                    false
-                }
-            }
+            async move { if *ok { copy.write(0, encoded, Durability::Fua).await.is_ok() } else { false } }
         });
         let results = futures::future::join_all(writes).await;
         for (ok, written) in io.copy_ok.iter_mut().zip(&results) {
@@ -277,17 +247,12 @@ impl Bitmap {
 
     fn region_span(&self, offset: u64, len: u64) -> (usize, usize) {
         let first = usize::try_from(offset / self.region_size).expect("fits usize");
-        let last =
-            usize::try_from((offset + len.max(1) - 1) / self.region_size).expect("fits usize");
+        let last = usize::try_from((offset + len.max(1) - 1) / self.region_size).expect("fits usize");
         (first, last.min(self.regions - 1))
     }
 
     /// Marks `[offset, offset + len)` as being written; the bits are durable on return.
-    pub(crate) async fn start_write(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> Result<WriteGuard<'_>, IoError> {
+    pub(crate) async fn start_write(&self, offset: u64, len: u64) -> Result<WriteGuard<'_>, IoError> {
         let (first, last) = self.region_span(offset, len);
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let covered = {
@@ -298,11 +263,7 @@ impl Bitmap {
             }
             (first..=last).all(|r| bit(&state.durable, r))
         };
-        let guard = WriteGuard {
-            bitmap: self,
-            first,
-            last,
-        };
+        let guard = WriteGuard { bitmap: self, first, last };
         if !covered {
             let mut io = self.io.lock().await;
             let (bits, failed) = {
@@ -383,8 +344,6 @@ impl Bitmap {
     /// Number of set bits (for health reports and tests).
     pub(crate) fn dirty_regions(&self) -> usize {
         let state = self.state.lock();
-        (0..self.regions)
-            .filter(|&r| bit(&state.durable, r))
-            .count()
+        (0..self.regions).filter(|&r| bit(&state.durable, r)).count()
     }
 }

@@ -25,20 +25,9 @@ impl Concat {
         for c in &children {
             starts.push(starts.last().expect("non-empty") + c.geometry().size_bytes);
         }
-        let block_size = children
-            .iter()
-            .map(|c| c.geometry().block_size)
-            .max()
-            .unwrap_or(512);
+        let block_size = children.iter().map(|c| c.geometry().block_size).max().unwrap_or(512);
         let size_bytes = *starts.last().expect("non-empty");
-        Self {
-            children,
-            starts,
-            geometry: Geometry {
-                block_size,
-                size_bytes,
-            },
-        }
+        Self { children, starts, geometry: Geometry { block_size, size_bytes } }
     }
 
     fn shares(&self, op: IoOp, offset: u64, len: u64) -> Result<Vec<Share>, IoError> {
@@ -68,12 +57,7 @@ impl BlockIo for Concat {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         let shares = self.shares(IoOp::Read, offset, len)?;
-        let parts = try_join_all(
-            shares
-                .iter()
-                .map(|&(i, o, n, _)| self.children[i].read(o, n)),
-        )
-        .await?;
+        let parts = try_join_all(shares.iter().map(|&(i, o, n, _)| self.children[i].read(o, n))).await?;
         Ok(gather(parts))
     }
 
@@ -94,23 +78,13 @@ impl BlockIo for Concat {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
         let shares = self.shares(IoOp::Discard, offset, len)?;
-        try_join_all(
-            shares
-                .iter()
-                .map(|&(i, o, n, _)| self.children[i].discard(o, n)),
-        )
-        .await?;
+        try_join_all(shares.iter().map(|&(i, o, n, _)| self.children[i].discard(o, n))).await?;
         Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         let shares = self.shares(IoOp::WriteZeroes, offset, len)?;
-        try_join_all(
-            shares
-                .iter()
-                .map(|&(i, o, n, _)| self.children[i].write_zeroes(o, n)),
-        )
-        .await?;
+        try_join_all(shares.iter().map(|&(i, o, n, _)| self.children[i].write_zeroes(o, n))).await?;
         Ok(())
     }
 }

@@ -17,14 +17,7 @@ pub(crate) struct Extent {
 impl Extent {
     pub(crate) fn new(device: Arc<dyn BlockIo>, offset: u64, length: u64) -> Self {
         let block_size = device.geometry().block_size;
-        Self {
-            device,
-            offset,
-            geometry: Geometry {
-                block_size,
-                size_bytes: length,
-            },
-        }
+        Self { device, offset, geometry: Geometry { block_size, size_bytes: length } }
     }
 }
 
@@ -40,11 +33,8 @@ impl BlockIo for Extent {
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
-        self.geometry
-            .check(IoOp::Write, offset, data.len() as u64)?;
-        self.device
-            .write(self.offset + offset, data, durability)
-            .await
+        self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
+        self.device.write(self.offset + offset, data, durability).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {
@@ -71,19 +61,11 @@ pub(crate) struct Missing {
 
 impl Missing {
     pub(crate) fn new(device: String, length: u64) -> Self {
-        Self {
-            device,
-            geometry: Geometry {
-                block_size: 512,
-                size_bytes: length,
-            },
-        }
+        Self { device, geometry: Geometry { block_size: 512, size_bytes: length } }
     }
 
     fn gone(&self) -> IoError {
-        IoError::Gone {
-            device: self.device.clone(),
-        }
+        IoError::Gone { device: self.device.clone() }
     }
 }
 

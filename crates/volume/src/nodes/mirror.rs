@@ -31,26 +31,15 @@ impl Mirror {
         bitmap_region: u64,
         bitmap_copies: Vec<Arc<dyn BlockIo>>,
     ) -> Self {
-        let size_bytes = legs
-            .iter()
-            .map(|l| l.geometry().size_bytes)
-            .min()
-            .unwrap_or(0);
-        let block_size = legs
-            .iter()
-            .map(|l| l.geometry().block_size)
-            .max()
-            .unwrap_or(512);
+        let size_bytes = legs.iter().map(|l| l.geometry().size_bytes).min().unwrap_or(0);
+        let block_size = legs.iter().map(|l| l.geometry().block_size).max().unwrap_or(512);
         let failed = legs.iter().map(|_| AtomicBool::new(false)).collect();
         Self {
             legs,
             failed,
             next_read: AtomicUsize::new(0),
             bitmap: Bitmap::new(size_bytes, bitmap_region, bitmap_copies),
-            geometry: Geometry {
-                block_size,
-                size_bytes,
-            },
+            geometry: Geometry { block_size, size_bytes },
         }
     }
 
@@ -73,12 +62,7 @@ impl Mirror {
     }
 
     fn too_many(&self, op: IoOp, offset: u64) -> IoError {
-        IoError::TooManyFailures {
-            op,
-            offset,
-            failed: self.failed_count(),
-            children: self.legs.len(),
-        }
+        IoError::TooManyFailures { op, offset, failed: self.failed_count(), children: self.legs.len() }
     }
 
     /// Runs `op` on every healthy leg; fails legs that error; succeeds if one leg did.
@@ -87,9 +71,7 @@ impl Mirror {
         F: Fn(&'a Arc<dyn BlockIo>) -> Fut,
         Fut: std::future::Future<Output = Result<(), IoError>>,
     {
-        let healthy: Vec<usize> = (0..self.legs.len())
-            .filter(|&i| !self.is_failed(i))
-            .collect();
+        let healthy: Vec<usize> = (0..self.legs.len()).filter(|&i| !self.is_failed(i)).collect();
         let results = join_all(healthy.iter().map(|&i| f(&self.legs[i]))).await;
         let mut ok = 0;
         for (&leg, result) in healthy.iter().zip(results) {
@@ -99,11 +81,7 @@ impl Mirror {
                 Err(e) => self.fail_leg(leg, &e).await,
             }
         }
-        if ok == 0 {
-            Err(self.too_many(op, offset))
-        } else {
-            Ok(())
-        }
+        if ok == 0 { Err(self.too_many(op, offset)) } else { Ok(()) }
     }
 
     async fn copy_region(
@@ -118,9 +96,7 @@ impl Mirror {
             let n = RESYNC_PIECE.min(end - at);
             let data = self.legs[source].read(at, n).await?;
             for &t in targets {
-                self.legs[t]
-                    .write(at, data.clone(), Durability::Cached)
-                    .await?;
+                self.legs[t].write(at, data.clone(), Durability::Cached).await?;
             }
             at += n;
         }
@@ -153,13 +129,9 @@ impl BlockIo for Mirror {
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
-        self.geometry
-            .check(IoOp::Write, offset, data.len() as u64)?;
+        self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
         let _guard = self.bitmap.start_write(offset, data.len() as u64).await?;
-        self.on_all_legs(IoOp::Write, offset, |leg| {
-            leg.write(offset, data.clone(), durability)
-        })
-        .await
+        self.on_all_legs(IoOp::Write, offset, |leg| leg.write(offset, data.clone(), durability)).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {
@@ -171,17 +143,13 @@ impl BlockIo for Mirror {
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::Discard, offset, len)?;
         let _guard = self.bitmap.start_write(offset, len).await?;
-        self.on_all_legs(IoOp::Discard, offset, |leg| leg.discard(offset, len))
-            .await
+        self.on_all_legs(IoOp::Discard, offset, |leg| leg.discard(offset, len)).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::WriteZeroes, offset, len)?;
         let _guard = self.bitmap.start_write(offset, len).await?;
-        self.on_all_legs(IoOp::WriteZeroes, offset, |leg| {
-            leg.write_zeroes(offset, len)
-        })
-        .await
+        self.on_all_legs(IoOp::WriteZeroes, offset, |leg| leg.write_zeroes(offset, len)).await
     }
 }
 
@@ -199,25 +167,16 @@ impl Redundant for Mirror {
             present.push(leg.read(0, bs).await.is_ok());
         }
         let stale = |i: usize| loaded.failed_mask & (1 << i) != 0;
-        let mut sources: Vec<usize> = (0..self.legs.len())
-            .filter(|&i| present[i] && !stale(i))
-            .collect();
+        let mut sources: Vec<usize> = (0..self.legs.len()).filter(|&i| present[i] && !stale(i)).collect();
         if sources.is_empty() {
             // Every present leg missed writes: the best left is any of them.
-            tracing::error!(
-                "no mirror leg is known to be current; resyncing from the first present leg"
-            );
-            sources = (0..self.legs.len())
-                .filter(|&i| present[i])
-                .take(1)
-                .collect();
+            tracing::error!("no mirror leg is known to be current; resyncing from the first present leg");
+            sources = (0..self.legs.len()).filter(|&i| present[i]).take(1).collect();
         }
         let Some(&source) = sources.first() else {
             return Err(self.too_many(IoOp::Read, 0));
         };
-        let targets: Vec<usize> = (0..self.legs.len())
-            .filter(|&i| present[i] && i != source)
-            .collect();
+        let targets: Vec<usize> = (0..self.legs.len()).filter(|&i| present[i] && i != source).collect();
         let region = self.bitmap.region_size();
         for r in &loaded.dirty {
             let start = *r as u64 * region;
@@ -241,9 +200,7 @@ impl Redundant for Mirror {
     fn health(&self) -> NodeHealth {
         NodeHealth {
             members: self.legs.len(),
-            failed: (0..self.legs.len())
-                .filter(|&i| self.is_failed(i))
-                .collect(),
+            failed: (0..self.legs.len()).filter(|&i| self.is_failed(i)).collect(),
             tolerance: self.legs.len() - 1,
             dirty_regions: self.bitmap.dirty_regions(),
         }

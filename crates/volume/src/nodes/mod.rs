@@ -32,12 +32,7 @@ pub(crate) fn pieces(offset: u64, len: u64, unit: u64) -> impl Iterator<Item = P
             let unit_index = at / unit;
             let offset_in_unit = at % unit;
             let len = (unit - offset_in_unit).min(end - at);
-            let piece = Piece {
-                unit: unit_index,
-                offset_in_unit,
-                len,
-                offset_in_request: at - offset,
-            };
+            let piece = Piece { unit: unit_index, offset_in_unit, len, offset_in_request: at - offset };
             at += len;
             piece
         })
@@ -65,12 +60,8 @@ mod tests {
 
     #[test]
     fn pieces_cover_the_request_exactly() {
-        let p: Vec<_> = pieces(3, 10, 4)
-            .map(|p| (p.unit, p.offset_in_unit, p.len, p.offset_in_request))
-            .collect();
-        assert_eq!(
-            p,
-            vec![(0, 3, 1, 0), (1, 0, 4, 1), (2, 0, 4, 5), (3, 0, 1, 9)]
-        );
+        let p: Vec<_> =
+            pieces(3, 10, 4).map(|p| (p.unit, p.offset_in_unit, p.len, p.offset_in_request)).collect();
+        assert_eq!(p, vec![(0, 3, 1, 0), (1, 0, 4, 1), (2, 0, 4, 5), (3, 0, 1, 9)]);
     }
 }

@@ -64,18 +64,8 @@ impl Parity {
     ) -> Self {
         let parity = level.parity_members();
         let data_width = members.len() - parity;
-        let member_size = members
-            .iter()
-            .map(|m| m.geometry().size_bytes)
-            .min()
-            .unwrap_or(0)
-            / chunk
-            * chunk;
-        let block_size = members
-            .iter()
-            .map(|m| m.geometry().block_size)
-            .max()
-            .unwrap_or(512);
+        let member_size = members.iter().map(|m| m.geometry().size_bytes).min().unwrap_or(0) / chunk * chunk;
+        let block_size = members.iter().map(|m| m.geometry().block_size).max().unwrap_or(512);
         let size_bytes = member_size * data_width as u64;
         Self {
             failed: members.iter().map(|_| AtomicBool::new(false)).collect(),
@@ -85,10 +75,7 @@ impl Parity {
             chunk,
             bitmap: Bitmap::new(size_bytes, bitmap_region, bitmap_copies),
             row_locks: (0..ROW_LOCKS).map(|_| Mutex::new(())).collect(),
-            geometry: Geometry {
-                block_size,
-                size_bytes,
-            },
+            geometry: Geometry { block_size, size_bytes },
         }
     }
 
@@ -117,12 +104,7 @@ impl Parity {
     }
 
     fn too_many(&self, op: IoOp, offset: u64) -> IoError {
-        IoError::TooManyFailures {
-            op,
-            offset,
-            failed: self.failed_count(),
-            children: self.n(),
-        }
+        IoError::TooManyFailures { op, offset, failed: self.failed_count(), children: self.n() }
     }
 
     async fn fail_member(&self, m: usize, error: &IoError) {
@@ -140,11 +122,7 @@ impl Parity {
             return Err(error);
         }
         self.fail_member(m, &error).await;
-        if self.failed_count() > self.parity {
-            Err(self.too_many(IoOp::Write, 0))
-        } else {
-            Ok(())
-        }
+        if self.failed_count() > self.parity { Err(self.too_many(IoOp::Write, 0)) } else { Ok(()) }
     }
 
     fn lock(&self, row: u64) -> &Mutex<()> {
@@ -152,17 +130,9 @@ impl Parity {
     }
 
     /// Reads `[lo, lo + len)` of the row from every healthy member not in `skip`.
-    async fn read_row(
-        &self,
-        row: u64,
-        lo: u64,
-        len: u64,
-        skip: &[bool],
-    ) -> Result<RowBuffers, IoError> {
+    async fn read_row(&self, row: u64, lo: u64, len: u64, skip: &[bool]) -> Result<RowBuffers, IoError> {
         let base = row * self.chunk + lo;
-        let wanted: Vec<usize> = (0..self.n())
-            .filter(|&m| !skip[m] && !self.is_failed(m))
-            .collect();
+        let wanted: Vec<usize> = (0..self.n()).filter(|&m| !skip[m] && !self.is_failed(m)).collect();
         let reads = join_all(wanted.iter().map(|&m| self.members[m].read(base, len))).await;
         let mut bufs: RowBuffers = vec![None; self.n()];
         for (&m, read) in wanted.iter().zip(reads) {
@@ -176,9 +146,8 @@ impl Parity {
 
     /// Fills every `None` in `bufs` from the rest of the row; false if too many are unknown.
     fn solve(&self, row: u64, bufs: &mut RowBuffers, len: u64) -> bool {
-        let mut data: Vec<Option<Vec<u8>>> = (0..self.data_width)
-            .map(|k| bufs[self.data_member(row, k)].take())
-            .collect();
+        let mut data: Vec<Option<Vec<u8>>> =
+            (0..self.data_width).map(|k| bufs[self.data_member(row, k)].take()).collect();
         let mut p = bufs[self.p_member(row)].take();
         let mut q = self.q_member(row).and_then(|m| bufs[m].take());
         let solved = gf::reconstruct(&mut data, &mut p, &mut q, self.parity == 2, to_usize(len));
@@ -210,34 +179,22 @@ impl Parity {
     }
 
     /// Writes parts of one row, keeping its parity right.
-    async fn write_row(
-        &self,
-        row: u64,
-        parts: Vec<Part>,
-        durability: Durability,
-    ) -> Result<(), IoError> {
+    async fn write_row(&self, row: u64, parts: Vec<Part>, durability: Durability) -> Result<(), IoError> {
         let _row = self.lock(row).lock().await;
         let lo = parts.iter().map(|p| p.at).min().expect("at least one part");
-        let hi = parts
-            .iter()
-            .map(|p| p.at + p.data.len() as u64)
-            .max()
-            .expect("at least one part");
+        let hi = parts.iter().map(|p| p.at + p.data.len() as u64).max().expect("at least one part");
         let len = hi - lo;
         let full: Vec<bool> = (0..self.data_width)
-            .map(|k| {
-                parts
-                    .iter()
-                    .any(|p| p.k == k && p.at == lo && p.data.len() as u64 == len)
-            })
+            .map(|k| parts.iter().any(|p| p.k == k && p.at == lo && p.data.len() as u64 == len))
             .collect();
         let healthy = self.failed_count() == 0;
         let rmw_reads = parts.len() + self.parity;
         let rcw_reads = full.iter().filter(|f| !**f).count();
-        if healthy && rmw_reads < rcw_reads {
-            if let Some(writes) = self.read_modify_write(row, &parts, lo, len).await? {
-                return self.write_members(row, writes, durability).await;
-            }
+        if healthy
+            && rmw_reads < rcw_reads
+            && let Some(writes) = self.read_modify_write(row, &parts, lo, len).await?
+        {
+            return self.write_members(row, writes, durability).await;
         }
         // Reconstruct-write: know the whole row over [lo, hi), overlay, recompute parity.
         let mut skip = vec![false; self.n()];
@@ -247,9 +204,7 @@ impl Parity {
             if let Some(q) = self.q_member(row) {
                 skip[q] = true;
             }
-            (0..self.data_width)
-                .filter(|&k| full[k])
-                .for_each(|k| skip[self.data_member(row, k)] = true);
+            (0..self.data_width).filter(|&k| full[k]).for_each(|k| skip[self.data_member(row, k)] = true);
         }
         let mut bufs = self.read_row(row, lo, len, &skip).await?;
         if (0..self.n()).any(|m| bufs[m].is_none() && !skip[m]) {
@@ -262,11 +217,7 @@ impl Parity {
             }
         }
         let mut data: Vec<Vec<u8>> = (0..self.data_width)
-            .map(|k| {
-                bufs[self.data_member(row, k)]
-                    .take()
-                    .unwrap_or_else(|| vec![0; to_usize(len)])
-            })
+            .map(|k| bufs[self.data_member(row, k)].take().unwrap_or_else(|| vec![0; to_usize(len)]))
             .collect();
         for part in &parts {
             let at = to_usize(part.at - lo);
@@ -274,10 +225,8 @@ impl Parity {
         }
         let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
         let (p, q) = gf::compute(&refs, self.parity == 2);
-        let mut writes: Vec<(usize, u64, Bytes)> = parts
-            .iter()
-            .map(|part| (self.data_member(row, part.k), part.at, part.data.clone()))
-            .collect();
+        let mut writes: Vec<(usize, u64, Bytes)> =
+            parts.iter().map(|part| (self.data_member(row, part.k), part.at, part.data.clone())).collect();
         writes.push((self.p_member(row), lo, Bytes::from(p)));
         if let (Some(qm), Some(q)) = (self.q_member(row), q) {
             writes.push((qm, lo, Bytes::from(q)));
@@ -295,20 +244,13 @@ impl Parity {
         len: u64,
     ) -> Result<Option<Vec<(usize, u64, Bytes)>>, IoError> {
         let base = row * self.chunk;
-        let mut targets: Vec<(usize, u64, u64)> = parts
-            .iter()
-            .map(|p| (self.data_member(row, p.k), p.at, p.data.len() as u64))
-            .collect();
+        let mut targets: Vec<(usize, u64, u64)> =
+            parts.iter().map(|p| (self.data_member(row, p.k), p.at, p.data.len() as u64)).collect();
         targets.push((self.p_member(row), lo, len));
         if let Some(q) = self.q_member(row) {
             targets.push((q, lo, len));
         }
-        let reads = join_all(
-            targets
-                .iter()
-                .map(|&(m, at, n)| self.members[m].read(base + at, n)),
-        )
-        .await;
+        let reads = join_all(targets.iter().map(|&(m, at, n)| self.members[m].read(base + at, n))).await;
         let mut old = Vec::with_capacity(reads.len());
         for (&(m, _, _), read) in targets.iter().zip(reads) {
             match read {
@@ -330,10 +272,8 @@ impl Parity {
                 gf::mul_xor_into(&mut q[at..at + delta.len()], &delta, gf::pow2(part.k));
             }
         }
-        let mut writes: Vec<(usize, u64, Bytes)> = parts
-            .iter()
-            .map(|part| (self.data_member(row, part.k), part.at, part.data.clone()))
-            .collect();
+        let mut writes: Vec<(usize, u64, Bytes)> =
+            parts.iter().map(|part| (self.data_member(row, part.k), part.at, part.data.clone())).collect();
         writes.push((self.p_member(row), lo, Bytes::from(p)));
         if let (Some(qm), Some(q)) = (self.q_member(row), q) {
             writes.push((qm, lo, Bytes::from(q)));
@@ -349,14 +289,9 @@ impl Parity {
         durability: Durability,
     ) -> Result<(), IoError> {
         let base = row * self.chunk;
-        let writes: Vec<_> = writes
-            .into_iter()
-            .filter(|(m, _, _)| !self.is_failed(*m))
-            .collect();
+        let writes: Vec<_> = writes.into_iter().filter(|(m, _, _)| !self.is_failed(*m)).collect();
         let results = join_all(
-            writes
-                .iter()
-                .map(|(m, at, data)| self.members[*m].write(base + at, data.clone(), durability)),
+            writes.iter().map(|(m, at, data)| self.members[*m].write(base + at, data.clone(), durability)),
         )
         .await;
         for ((m, _, _), result) in writes.iter().zip(results) {
@@ -374,11 +309,8 @@ impl Parity {
             let row = piece.unit / self.data_width as u64;
             let k = to_usize(piece.unit % self.data_width as u64);
             let start = to_usize(piece.offset_in_request);
-            let part = Part {
-                k,
-                at: piece.offset_in_unit,
-                data: data.slice(start..start + to_usize(piece.len)),
-            };
+            let part =
+                Part { k, at: piece.offset_in_unit, data: data.slice(start..start + to_usize(piece.len)) };
             match rows.last_mut() {
                 Some((r, parts)) if *r == row => parts.push(part),
                 _ => rows.push((row, vec![part])),
@@ -412,10 +344,7 @@ impl Parity {
         }
         if first_full < end_full {
             let _rows = self.lock_rows(first_full, end_full).await;
-            let (base, n) = (
-                first_full * self.chunk,
-                (end_full - first_full) * self.chunk,
-            );
+            let (base, n) = (first_full * self.chunk, (end_full - first_full) * self.chunk);
             let live: Vec<usize> = (0..self.n()).filter(|&m| !self.is_failed(m)).collect();
             let results = join_all(live.iter().map(|&m| match op {
                 IoOp::Discard => self.members[m].discard(base, n),
@@ -436,9 +365,7 @@ impl Parity {
         let mut indexes: Vec<usize> = if end - first >= ROW_LOCKS as u64 {
             (0..ROW_LOCKS).collect()
         } else {
-            (first..end)
-                .map(|r| to_usize(r % ROW_LOCKS as u64))
-                .collect()
+            (first..end).map(|r| to_usize(r % ROW_LOCKS as u64)).collect()
         };
         indexes.sort_unstable();
         indexes.dedup();
@@ -455,9 +382,7 @@ impl Parity {
         let _row = self.lock(row).lock().await;
         let mut skip = vec![false; self.n()];
         let rebuild: Vec<usize> = if stale.is_empty() {
-            std::iter::once(self.p_member(row))
-                .chain(self.q_member(row))
-                .collect()
+            std::iter::once(self.p_member(row)).chain(self.q_member(row)).collect()
         } else {
             stale.to_vec()
         };
@@ -484,22 +409,19 @@ impl BlockIo for Parity {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         self.geometry.check(IoOp::Read, offset, len)?;
         let d = self.data_width as u64;
-        let parts =
-            try_join_all(pieces(offset, len, self.chunk).map(|p| {
-                self.read_piece(p.unit / d, to_usize(p.unit % d), p.offset_in_unit, p.len)
-            }))
-            .await?;
+        let parts = try_join_all(
+            pieces(offset, len, self.chunk)
+                .map(|p| self.read_piece(p.unit / d, to_usize(p.unit % d), p.offset_in_unit, p.len)),
+        )
+        .await?;
         Ok(gather(parts))
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
-        self.geometry
-            .check(IoOp::Write, offset, data.len() as u64)?;
+        self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
         let _guard = self.bitmap.start_write(offset, data.len() as u64).await?;
         try_join_all(
-            self.rows(offset, &data)
-                .into_iter()
-                .map(|(row, parts)| self.write_row(row, parts, durability)),
+            self.rows(offset, &data).into_iter().map(|(row, parts)| self.write_row(row, parts, durability)),
         )
         .await?;
         Ok(())

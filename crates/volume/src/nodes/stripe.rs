@@ -25,25 +25,10 @@ pub(crate) struct Stripe {
 impl Stripe {
     /// `children` are of equal size, a multiple of `chunk`.
     pub(crate) fn new(chunk: u64, children: Vec<Arc<dyn BlockIo>>) -> Self {
-        let child_size = children
-            .iter()
-            .map(|c| c.geometry().size_bytes)
-            .min()
-            .unwrap_or(0);
-        let block_size = children
-            .iter()
-            .map(|c| c.geometry().block_size)
-            .max()
-            .unwrap_or(512);
+        let child_size = children.iter().map(|c| c.geometry().size_bytes).min().unwrap_or(0);
+        let block_size = children.iter().map(|c| c.geometry().block_size).max().unwrap_or(512);
         let size_bytes = child_size / chunk * chunk * children.len() as u64;
-        Self {
-            children,
-            chunk,
-            geometry: Geometry {
-                block_size,
-                size_bytes,
-            },
-        }
+        Self { children, chunk, geometry: Geometry { block_size, size_bytes } }
     }
 
     /// The range each child holds of `[offset, offset + len)`: `(child, offset, length)`.
@@ -55,20 +40,13 @@ impl Stripe {
             let range = ranges[child].get_or_insert((at, at));
             range.1 = at + p.len;
         }
-        ranges
-            .into_iter()
-            .enumerate()
-            .filter_map(|(c, r)| r.map(|(s, e)| (c, s, e - s)))
-            .collect()
+        ranges.into_iter().enumerate().filter_map(|(c, r)| r.map(|(s, e)| (c, s, e - s))).collect()
     }
 
     /// (child, offset in the child) of a piece.
     fn locate(&self, p: &Piece) -> (usize, u64) {
         let n = self.children.len() as u64;
-        (
-            to_usize(p.unit % n),
-            (p.unit / n) * self.chunk + p.offset_in_unit,
-        )
+        (to_usize(p.unit % n), (p.unit / n) * self.chunk + p.offset_in_unit)
     }
 }
 
@@ -89,12 +67,10 @@ impl BlockIo for Stripe {
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
-        self.geometry
-            .check(IoOp::Write, offset, data.len() as u64)?;
+        self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
         try_join_all(pieces(offset, data.len() as u64, self.chunk).map(|p| {
             let (child, at) = self.locate(&p);
-            let part =
-                data.slice(to_usize(p.offset_in_request)..to_usize(p.offset_in_request + p.len));
+            let part = data.slice(to_usize(p.offset_in_request)..to_usize(p.offset_in_request + p.len));
             self.children[child].write(at, part, durability)
         }))
         .await?;
@@ -109,9 +85,7 @@ impl BlockIo for Stripe {
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::Discard, offset, len)?;
         try_join_all(
-            self.child_ranges(offset, len)
-                .into_iter()
-                .map(|(c, at, n)| self.children[c].discard(at, n)),
+            self.child_ranges(offset, len).into_iter().map(|(c, at, n)| self.children[c].discard(at, n)),
         )
         .await?;
         Ok(())
@@ -120,9 +94,7 @@ impl BlockIo for Stripe {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::WriteZeroes, offset, len)?;
         try_join_all(
-            self.child_ranges(offset, len)
-                .into_iter()
-                .map(|(c, at, n)| self.children[c].write_zeroes(at, n)),
+            self.child_ranges(offset, len).into_iter().map(|(c, at, n)| self.children[c].write_zeroes(at, n)),
         )
         .await?;
         Ok(())

@@ -1,0 +1,283 @@
+//! The pool against memory and file devices: persistence, rediscovery, repairs of labels
+//! and slots, devices that must never be written, and bad requests.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use strata_block::{BlockIo, CrashPlan, Durability, FileDevice, FileOptions, MemDevice};
+use strata_pool::label::{LABEL_SIZE, Label};
+use strata_pool::{Pool, PoolError, PoolOptions, scan_dir};
+use strata_volume::{Layout, Role, VolumeRequest, VolumeState};
+
+const MIB: u64 = 1 << 20;
+
+fn options() -> PoolOptions {
+    PoolOptions { name: "t".into(), extent_size: MIB, slot_size: 64 * 1024 }
+}
+
+async fn pool_of(n: usize) -> (Pool, Vec<Arc<MemDevice>>) {
+    let pool = Pool::create(options()).unwrap();
+    let mut devices = Vec::new();
+    for i in 0..n {
+        let dev = MemDevice::with_volatile_cache(format!("m{i}"), 32 * MIB, 4096);
+        pool.claim(&format!("m{i}"), dev.clone(), None).await.unwrap();
+        devices.push(dev);
+    }
+    (pool, devices)
+}
+
+fn candidates(devices: &[Arc<MemDevice>]) -> Vec<(String, Arc<dyn BlockIo>)> {
+    devices.iter().enumerate().map(|(i, d)| (format!("m{i}"), d.clone() as Arc<dyn BlockIo>)).collect()
+}
+
+async fn reopen(devices: &[Arc<MemDevice>]) -> (Pool, strata_pool::Discovery) {
+    let (pool, report) = Pool::open(candidates(devices)).await.unwrap();
+    (pool.expect("a pool"), report)
+}
+
+async fn image(dev: &dyn BlockIo) -> Bytes {
+    dev.read(0, dev.geometry().size_bytes).await.unwrap()
+}
+
+async fn label_of(dev: &dyn BlockIo) -> Label {
+    Label::decode(&dev.read(0, LABEL_SIZE).await.unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn volumes_are_recorded_before_they_are_acknowledged() {
+    let (pool, devices) = pool_of(4).await;
+    for layout in Layout::ALL {
+        pool.create_volume(&layout.to_string(), VolumeRequest::new(4 * MIB, layout)).await.unwrap();
+    }
+    let data = Bytes::from(vec![0x5a; 64 * 1024]);
+    let v = pool.volume("raid6").unwrap().io();
+    v.write(MIB, data.clone(), Durability::Fua).await.unwrap();
+    drop((v, pool));
+    // Power loss right after the acknowledgements: nothing unflushed survives.
+    devices.iter().for_each(|d| d.crash(CrashPlan::LoseAll));
+    let (pool, report) = reopen(&devices).await;
+    assert_eq!(report.members.len(), 4);
+    assert!(report.failed_volumes.is_empty() && report.missing.is_empty(), "{report:?}");
+    let mut names: Vec<String> = pool.volumes().iter().map(|v| v.name().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["linear", "mirror", "raid10", "raid5", "raid6", "stripe"]);
+    let back = pool.volume("raid6").unwrap().io().read(MIB, 64 * 1024).await.unwrap();
+    assert_eq!(back, data);
+    assert!(pool.volumes().iter().all(|v| v.info().state == VolumeState::Healthy));
+}
+
+async fn free(pool: &Pool) -> u64 {
+    pool.devices().await.iter().map(|d| d.free_bytes).sum()
+}
+
+#[tokio::test]
+async fn deleting_a_volume_is_durable_and_frees_its_space() {
+    let (pool, devices) = pool_of(2).await;
+    let before = free(&pool).await;
+    pool.create_volume("a", VolumeRequest::new(8 * MIB, Layout::Mirror)).await.unwrap();
+    assert!(free(&pool).await < before);
+    pool.delete_volume("a").await.unwrap();
+    assert_eq!(free(&pool).await, before);
+    assert!(matches!(pool.delete_volume("a").await, Err(PoolError::NoSuchVolume(_))));
+    drop(pool);
+    devices.iter().for_each(|d| d.crash(CrashPlan::LoseAll));
+    let (pool, _) = reopen(&devices).await;
+    assert!(pool.volume("a").is_none());
+    assert_eq!(free(&pool).await, before);
+}
+
+#[tokio::test]
+async fn a_device_without_a_label_is_reported_unclaimed_and_never_written() {
+    let (pool, mut devices) = pool_of(2).await;
+    pool.create_volume("v", VolumeRequest::new(4 * MIB, Layout::Mirror)).await.unwrap();
+    drop(pool);
+    let stranger = MemDevice::new("stranger", 16 * MIB, 4096);
+    let noise: Vec<u8> = (0..16 * MIB).map(|i| (i * 31 % 251) as u8).collect();
+    stranger.write(0, Bytes::from(noise.clone()), Durability::Fua).await.unwrap();
+    devices.push(stranger.clone());
+    let (pool, report) = reopen(&devices).await;
+    assert_eq!(report.unclaimed, ["m2"]);
+    pool.create_volume("w", VolumeRequest::new(4 * MIB, Layout::Mirror)).await.unwrap();
+    assert_eq!(image(stranger.as_ref()).await, noise, "an unclaimed device was written");
+    // Claiming it makes it a member.
+    pool.claim("m2", stranger.clone(), None).await.unwrap();
+    let again = pool.claim("m2", stranger.clone(), None).await;
+    assert!(matches!(again, Err(PoolError::AlreadyClaimed { .. })));
+}
+
+#[tokio::test]
+async fn one_corrupt_label_copy_is_detected_and_repaired() {
+    let (pool, devices) = pool_of(2).await;
+    pool.create_volume("v", VolumeRequest::new(4 * MIB, Layout::Mirror)).await.unwrap();
+    drop(pool);
+    let dev = &devices[0];
+    let mut front = dev.read(0, LABEL_SIZE).await.unwrap().to_vec();
+    front[40] ^= 0xff;
+    dev.write(0, Bytes::from(front), Durability::Fua).await.unwrap();
+    let (pool, report) = reopen(&devices).await;
+    assert_eq!(report.repaired.len(), 1, "{report:?}");
+    assert!(report.repaired[0].contains("front label copy"), "{report:?}");
+    assert!(Label::decode(&dev.read(0, LABEL_SIZE).await.unwrap()).is_ok(), "front copy was not repaired");
+    assert_eq!(pool.volume("v").unwrap().info().state, VolumeState::Healthy);
+}
+
+#[tokio::test]
+async fn a_device_whose_labels_are_all_corrupt_is_reported_and_left_untouched() {
+    let (pool, devices) = pool_of(3).await;
+    pool.create_volume("v", VolumeRequest::new(4 * MIB, Layout::Mirror)).await.unwrap();
+    let spec = pool.volume_spec("v").await.unwrap();
+    drop(pool);
+    // Damage a device that holds a leg of the mirror.
+    let mut victim = None;
+    for (i, dev) in devices.iter().enumerate() {
+        if spec.devices().contains(&label_of(dev.as_ref()).await.device_id) {
+            victim = Some(i);
+        }
+    }
+    let dev = &devices[victim.unwrap()];
+    let size = dev.geometry().size_bytes;
+    for at in [0, size - LABEL_SIZE] {
+        let mut copy = dev.read(at, LABEL_SIZE).await.unwrap().to_vec();
+        copy[20] ^= 1;
+        dev.write(at, Bytes::from(copy), Durability::Fua).await.unwrap();
+    }
+    let before = image(dev.as_ref()).await;
+    let (pool, report) = reopen(&devices).await;
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert!(report.damaged[0].1.contains("checksum"), "{report:?}");
+    assert_eq!(report.missing.len(), 1);
+    assert_eq!(pool.volume("v").unwrap().info().state, VolumeState::Degraded);
+    pool.volume("v").unwrap().io().write(0, Bytes::from(vec![1; 4096]), Durability::Fua).await.unwrap();
+    assert_eq!(image(dev.as_ref()).await, before, "a damaged device was written");
+    let err = pool.claim("damaged", dev.clone(), None).await.unwrap_err();
+    assert!(matches!(err, PoolError::DamagedLabel { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_torn_newest_slot_falls_back_to_the_previous_generation_and_is_rewritten() {
+    let (pool, devices) = pool_of(2).await;
+    // Enough volumes that a slot spans several blocks.
+    for i in 0..12 {
+        pool.create_volume(&format!("a{i}"), VolumeRequest::new(MIB, Layout::Mirror)).await.unwrap();
+    }
+    pool.create_volume("b", VolumeRequest::new(4 * MIB, Layout::Linear)).await.unwrap();
+    let generation = pool.config().await.generation;
+    drop(pool);
+    // Tear the newest slot on every device: only its first block landed.
+    for dev in &devices {
+        let label = label_of(dev.as_ref()).await;
+        let at = label.metadata_offset + (generation % 2) * label.slot_size;
+        dev.write(at + 4096, Bytes::from(vec![0; 4096]), Durability::Fua).await.unwrap();
+    }
+    let (pool, report) = reopen(&devices).await;
+    assert_eq!(
+        pool.config().await.generation,
+        generation,
+        "rewritten once from generation {}",
+        generation - 1
+    );
+    assert_eq!(pool.volumes().len(), 12);
+    assert!(pool.volume("b").is_none(), "volume b lived only in the torn generation");
+    assert_eq!(report.repaired.len(), 2, "{report:?}");
+    assert!(report.repaired.iter().all(|r| r.contains("torn")), "{report:?}");
+    drop(pool);
+    let (_, report) = reopen(&devices).await;
+    assert!(report.repaired.is_empty(), "the torn slots were not rewritten: {report:?}");
+}
+
+#[tokio::test]
+async fn map_names_every_copy_and_parity() {
+    let (pool, _devices) = pool_of(4).await;
+    let request =
+        VolumeRequest { width: Some(4), chunk: Some(65536), ..VolumeRequest::new(6 * MIB, Layout::Raid6) };
+    pool.create_volume("p", request).await.unwrap();
+    let locations = pool.map("p", 70_000).await.unwrap().unwrap();
+    let roles: Vec<Role> = locations.iter().map(|l| l.role).collect();
+    assert_eq!(roles, [Role::Data, Role::ParityP, Role::ParityQ]);
+    let mut devices: Vec<_> = locations.iter().map(|l| l.device).collect();
+    devices.sort();
+    devices.dedup();
+    assert_eq!(devices.len(), 3, "data, P and Q on different devices");
+    assert!(pool.map("p", 6 * MIB).await.unwrap().is_none());
+    assert!(matches!(pool.map("nope", 0).await, Err(PoolError::NoSuchVolume(_))));
+
+    pool.create_volume("m", VolumeRequest::new(MIB, Layout::Raid10)).await.unwrap();
+    let copies = pool.map("m", 0).await.unwrap().unwrap();
+    assert_eq!(copies.iter().map(|l| l.role).collect::<Vec<_>>(), [Role::Copy(0), Role::Copy(1)]);
+    assert_ne!(copies[0].device, copies[1].device);
+}
+
+#[tokio::test]
+async fn bad_requests_are_errors_with_a_message() {
+    let (pool, _devices) = pool_of(2).await;
+    let cases: Vec<(&str, VolumeRequest, &str)> = vec![
+        ("ok", VolumeRequest::new(0, Layout::Linear), "greater than zero"),
+        (
+            "ok",
+            VolumeRequest { width: Some(3), ..VolumeRequest::new(MIB, Layout::Stripe) },
+            "needs 3 devices",
+        ),
+        (
+            "ok",
+            VolumeRequest { copies: Some(3), ..VolumeRequest::new(MIB, Layout::Mirror) },
+            "needs 3 devices",
+        ),
+        ("ok", VolumeRequest::new(MIB, Layout::Raid5), "needs 3 devices"),
+        ("ok", VolumeRequest::new(10 << 30, Layout::Linear), "free"),
+        ("bad name!", VolumeRequest::new(MIB, Layout::Linear), "not valid"),
+        ("", VolumeRequest::new(MIB, Layout::Linear), "not valid"),
+    ];
+    for (name, request, expected) in cases {
+        let err = pool.create_volume(name, request.clone()).await.unwrap_err().to_string();
+        assert!(err.contains(expected), "{request:?}: {err}");
+    }
+    pool.create_volume("x", VolumeRequest::new(MIB, Layout::Linear)).await.unwrap();
+    let err = pool.create_volume("x", VolumeRequest::new(MIB, Layout::Linear)).await.unwrap_err();
+    assert!(matches!(err, PoolError::VolumeExists(_)));
+    let tiny = MemDevice::new("tiny", MIB, 4096);
+    assert!(matches!(pool.claim("tiny", tiny, None).await, Err(PoolError::TooSmall { .. })));
+    assert!(Pool::create(PoolOptions { extent_size: 3000, ..options() }).is_err());
+}
+
+#[tokio::test]
+async fn a_released_device_reads_as_unclaimed() {
+    let (pool, devices) = pool_of(3).await;
+    pool.create_volume("v", VolumeRequest::new(MIB, Layout::Linear)).await.unwrap();
+    let used = pool.volume_spec("v").await.unwrap().devices()[0];
+    assert!(matches!(pool.release(used).await, Err(PoolError::DeviceInUse { .. })));
+    let spare = pool.devices().await.iter().find(|d| d.id != used).unwrap().id;
+    pool.release(spare).await.unwrap();
+    drop(pool);
+    let (pool, report) = reopen(&devices).await;
+    assert_eq!(report.unclaimed.len(), 1, "{report:?}");
+    assert_eq!(pool.devices().await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_pool_of_files_is_found_again_by_scanning_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file_options = FileOptions::default();
+    let pool = Pool::create(options()).unwrap();
+    for i in 0..3 {
+        let dev = FileDevice::create(dir.path().join(format!("d{i}")), 64 * MIB, &file_options).unwrap();
+        pool.claim(&format!("d{i}"), dev, Some(format!("shelf{i}"))).await.unwrap();
+    }
+    std::fs::write(dir.path().join("notes.txt"), b"not a device").unwrap();
+    let v = pool.create_volume("v", VolumeRequest::new(16 * MIB, Layout::Raid5)).await.unwrap();
+    let data: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8).collect();
+    v.io().write(3 * MIB, Bytes::from(data.clone()), Durability::Cached).await.unwrap();
+    v.io().flush().await.unwrap();
+    drop((v, pool));
+
+    let paths = scan_dir(dir.path()).unwrap();
+    let (pool, report) = Pool::open_paths(&paths, &file_options).await.unwrap();
+    let pool = pool.unwrap();
+    assert_eq!(report.members.len(), 3);
+    assert_eq!(report.unclaimed.len(), 1);
+    assert_eq!(std::fs::read(dir.path().join("notes.txt")).unwrap(), b"not a device");
+    let back = pool.volume("v").unwrap().io().read(3 * MIB, MIB).await.unwrap();
+    assert_eq!(back.as_ref(), &data[..]);
+    let devices = pool.devices().await;
+    assert!(devices.iter().all(|d| d.config_replica));
+    assert_eq!(devices.iter().filter_map(|d| d.fault_domain.clone()).count(), 3);
+}
