@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -201,6 +201,11 @@ impl BlockIo for FaultyDevice {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         self.gate(IoOp::Read, offset, len).await?;
         self.inner.read(offset, len).await
+    }
+
+    async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        self.gate(IoOp::Read, offset, buf.len() as u64).await?;
+        self.inner.read_into(offset, buf).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {

@@ -180,14 +180,27 @@ impl BlockIo for FileDevice {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         self.geometry.check(IoOp::Read, offset, len)?;
         let n = usize::try_from(len).expect("request fits in memory");
-        let mut buf = if self.direct { self.aligned_buffer(n) } else { BytesMut::zeroed(n) };
-        let buf = self
-            .run(IoOp::Read, offset, len, move |file| {
-                file.read_exact_at(&mut buf, offset)?;
-                Ok(buf)
-            })
-            .await?;
-        Ok(buf.freeze())
+        let buf = if self.direct { self.aligned_buffer(n) } else { BytesMut::zeroed(n) };
+        Ok(self.read_into(offset, buf).await?.freeze())
+    }
+
+    async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        let len = buf.len() as u64;
+        self.geometry.check(IoOp::Read, offset, len)?;
+        let align = usize::try_from(self.geometry.block_size).expect("fits usize");
+        if self.direct && buf.as_ptr().align_offset(align) != 0 {
+            // O_DIRECT needs an aligned buffer: read into one and copy.
+            let mut out = buf;
+            let bounce = self.read_into(offset, self.aligned_buffer(out.len())).await?;
+            out.copy_from_slice(&bounce);
+            return Ok(out);
+        }
+        let mut buf = buf;
+        self.run(IoOp::Read, offset, len, move |file| {
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {

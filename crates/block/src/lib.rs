@@ -16,7 +16,7 @@ mod file;
 mod memory;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 pub use error::{IoError, IoOp};
 pub use fault::{FaultAction, FaultPlan, FaultRule, FaultyDevice, OpFilter};
@@ -92,6 +92,15 @@ pub trait BlockIo: Send + Sync + 'static {
 
     /// Reads `len` bytes at `offset`.
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError>;
+
+    /// Reads `buf.len()` bytes at `offset` into `buf` and hands it back filled. A node that
+    /// splits a read gives each child its own part of one buffer this way, so the parts
+    /// need no gathering copy. The default reads and copies; on error the buffer is gone.
+    async fn read_into(&self, offset: u64, mut buf: BytesMut) -> Result<BytesMut, IoError> {
+        let data = self.read(offset, buf.len() as u64).await?;
+        buf.copy_from_slice(&data);
+        Ok(buf)
+    }
 
     /// Writes `data` at `offset`; durable on completion when `durability` is FUA.
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError>;

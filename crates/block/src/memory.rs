@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -162,6 +162,14 @@ impl BlockIo for MemDevice {
         let start = usize::try_from(offset).expect("offset fits usize");
         let len = usize::try_from(len).expect("length fits usize");
         Ok(Bytes::copy_from_slice(&self.state.read().data[start..start + len]))
+    }
+
+    async fn read_into(&self, offset: u64, mut buf: BytesMut) -> Result<BytesMut, IoError> {
+        self.geometry.check(IoOp::Read, offset, buf.len() as u64)?;
+        let start = usize::try_from(offset).expect("offset fits usize");
+        let end = start + buf.len();
+        buf.copy_from_slice(&self.state.read().data[start..end]);
+        Ok(buf)
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 
@@ -306,6 +306,11 @@ impl BlockIo for Tree {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         self.geometry().check(IoOp::Read, offset, len)?;
         self.root.read(offset, len).await
+    }
+
+    async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        self.geometry().check(IoOp::Read, offset, buf.len() as u64)?;
+        self.root.read_into(offset, buf).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {

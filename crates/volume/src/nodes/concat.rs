@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 
-use super::{gather, to_usize};
+use super::{read_parts, to_usize};
 
 pub(crate) struct Concat {
     children: Vec<Arc<dyn BlockIo>>,
@@ -57,8 +57,19 @@ impl BlockIo for Concat {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         let shares = self.shares(IoOp::Read, offset, len)?;
-        let parts = try_join_all(shares.iter().map(|&(i, o, n, _)| self.children[i].read(o, n))).await?;
-        Ok(gather(parts))
+        if let [(i, o, n, _)] = shares[..] {
+            return self.children[i].read(o, n).await;
+        }
+        Ok(self.read_into(offset, BytesMut::zeroed(to_usize(len))).await?.freeze())
+    }
+
+    async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        let shares = self.shares(IoOp::Read, offset, buf.len() as u64)?;
+        read_parts(buf, shares.iter().map(|s| s.2), |i, part| {
+            let (child, at, _, _) = shares[i];
+            self.children[child].read_into(at, part)
+        })
+        .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {

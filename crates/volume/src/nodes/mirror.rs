@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 
@@ -120,6 +120,28 @@ impl BlockIo for Mirror {
                 continue;
             }
             match self.legs[leg].read(offset, len).await {
+                Ok(data) => return Ok(data),
+                Err(e) if e.is_request_error() => return Err(e),
+                Err(e) => self.fail_leg(leg, &e).await,
+            }
+        }
+        Err(self.too_many(IoOp::Read, offset))
+    }
+
+    async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        let len = buf.len();
+        self.geometry.check(IoOp::Read, offset, len as u64)?;
+        let n = self.legs.len();
+        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+        let mut buf = Some(buf);
+        for k in 0..n {
+            let leg = (start + k) % n;
+            if self.is_failed(leg) {
+                continue;
+            }
+            // A failed read consumed the buffer: retry into a fresh one.
+            let into = buf.take().unwrap_or_else(|| BytesMut::zeroed(len));
+            match self.legs[leg].read_into(offset, into).await {
                 Ok(data) => return Ok(data),
                 Err(e) if e.is_request_error() => return Err(e),
                 Err(e) => self.fail_leg(leg, &e).await,

@@ -8,7 +8,9 @@ pub(crate) mod mirror;
 pub(crate) mod parity;
 pub(crate) mod stripe;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
+use futures::future::try_join_all;
+use strata_block::IoError;
 
 /// One piece of a request cut at `unit` boundaries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,14 +41,27 @@ pub(crate) fn pieces(offset: u64, len: u64, unit: u64) -> impl Iterator<Item = P
     })
 }
 
-/// Joins the pieces of a read, copying only when there is more than one.
-pub(crate) fn gather(parts: Vec<Bytes>) -> Bytes {
-    if parts.len() == 1 {
-        return parts.into_iter().next().expect("one part");
+/// Reads the parts of one request into one buffer: `parts` yields each part's length in
+/// request order, and `read(i, buf)` fills part `i`. The filled parts are joined back
+/// without copying, since they are neighbours in one allocation.
+pub(crate) async fn read_parts<F, Fut>(
+    buf: BytesMut,
+    parts: impl Iterator<Item = u64>,
+    mut read: F,
+) -> Result<BytesMut, IoError>
+where
+    F: FnMut(usize, BytesMut) -> Fut,
+    Fut: Future<Output = Result<BytesMut, IoError>>,
+{
+    let mut rest = buf;
+    let mut reads = Vec::new();
+    for (i, len) in parts.enumerate() {
+        reads.push(read(i, rest.split_to(to_usize(len))));
     }
-    let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-    parts.iter().for_each(|p| out.extend_from_slice(p));
-    out.freeze()
+    let mut filled = try_join_all(reads).await?.into_iter();
+    let mut out = filled.next().unwrap_or_default();
+    filled.for_each(|part| out.unsplit(part));
+    Ok(out)
 }
 
 /// A `usize` from a byte count that is known to fit in memory.

@@ -19,13 +19,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::{join_all, try_join_all};
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 use tokio::sync::Mutex;
 
 use super::bitmap::Bitmap;
-use super::{gather, gf, pieces, to_usize};
+use super::{Piece, gf, pieces, read_parts, to_usize};
 use crate::spec::ParityLevel;
 use crate::tree::{NodeHealth, Redundant};
 
@@ -161,11 +161,13 @@ impl Parity {
         solved
     }
 
-    /// Reads one piece of data chunk `k`, rebuilding it from the row if its member failed.
-    async fn read_piece(&self, row: u64, k: usize, at: u64, len: u64) -> Result<Bytes, IoError> {
+    /// Reads one piece of data chunk `k` into `buf`, rebuilding it from the row if its
+    /// member failed.
+    async fn read_piece(&self, row: u64, k: usize, at: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        let len = buf.len() as u64;
         let m = self.data_member(row, k);
         if !self.is_failed(m) {
-            match self.members[m].read(row * self.chunk + at, len).await {
+            match self.members[m].read_into(row * self.chunk + at, buf).await {
                 Ok(data) => return Ok(data),
                 Err(e) => self.absorb(m, e).await?,
             }
@@ -175,7 +177,13 @@ impl Parity {
         if !self.solve(row, &mut bufs, len) {
             return Err(self.too_many(IoOp::Read, row));
         }
-        Ok(Bytes::from(bufs[m].take().expect("solved")))
+        Ok(BytesMut::from(&bufs[m].take().expect("solved")[..]))
+    }
+
+    /// Row and data chunk index of a piece.
+    fn place(&self, p: &Piece) -> (u64, usize) {
+        let d = self.data_width as u64;
+        (p.unit / d, to_usize(p.unit % d))
     }
 
     /// Writes parts of one row, keeping its parity right.
@@ -407,14 +415,17 @@ impl BlockIo for Parity {
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
-        self.geometry.check(IoOp::Read, offset, len)?;
-        let d = self.data_width as u64;
-        let parts = try_join_all(
-            pieces(offset, len, self.chunk)
-                .map(|p| self.read_piece(p.unit / d, to_usize(p.unit % d), p.offset_in_unit, p.len)),
-        )
-        .await?;
-        Ok(gather(parts))
+        Ok(self.read_into(offset, BytesMut::zeroed(to_usize(len))).await?.freeze())
+    }
+
+    async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        self.geometry.check(IoOp::Read, offset, buf.len() as u64)?;
+        let parts: Vec<Piece> = pieces(offset, buf.len() as u64, self.chunk).collect();
+        read_parts(buf, parts.iter().map(|p| p.len), |i, part| {
+            let (row, k) = self.place(&parts[i]);
+            self.read_piece(row, k, parts[i].offset_in_unit, part)
+        })
+        .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {

@@ -10,11 +10,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 
-use super::{Piece, gather, pieces, to_usize};
+use super::{Piece, pieces, read_parts, to_usize};
 
 pub(crate) struct Stripe {
     children: Vec<Arc<dyn BlockIo>>,
@@ -58,12 +58,21 @@ impl BlockIo for Stripe {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         self.geometry.check(IoOp::Read, offset, len)?;
-        let parts = try_join_all(pieces(offset, len, self.chunk).map(|p| {
-            let (child, at) = self.locate(&p);
-            self.children[child].read(at, p.len)
-        }))
-        .await?;
-        Ok(gather(parts))
+        if offset % self.chunk + len <= self.chunk {
+            let (child, at) = self.locate(&pieces(offset, len, self.chunk).next().expect("one piece"));
+            return self.children[child].read(at, len).await;
+        }
+        Ok(self.read_into(offset, BytesMut::zeroed(to_usize(len))).await?.freeze())
+    }
+
+    async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        self.geometry.check(IoOp::Read, offset, buf.len() as u64)?;
+        let parts: Vec<Piece> = pieces(offset, buf.len() as u64, self.chunk).collect();
+        read_parts(buf, parts.iter().map(|p| p.len), |i, part| {
+            let (child, at) = self.locate(&parts[i]);
+            self.children[child].read_into(at, part)
+        })
+        .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
