@@ -23,6 +23,39 @@ pub struct PoolConfig {
     pub volumes: Vec<VolumeRecord>,
 }
 
+/// Most extents a device may have (256 TiB at 4 MiB extents): bounds what an untrusted
+/// configuration can make a controller allocate.
+const MAX_EXTENTS_PER_DEVICE: u64 = 1 << 26;
+
+impl PoolConfig {
+    /// Checks what a configuration read from a device claims before anything is built from
+    /// it; a corrupt or hostile copy is refused with a reason, never trusted.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.extent_size.is_power_of_two() || !(64 << 10..=1 << 30).contains(&self.extent_size) {
+            return Err(format!(
+                "extent size {} is not a power of two between 64 KiB and 1 GiB",
+                self.extent_size
+            ));
+        }
+        for d in &self.devices {
+            if d.data_offset.checked_add(d.data_size).is_none_or(|end| end > d.size_bytes)
+                || d.data_size / self.extent_size > MAX_EXTENTS_PER_DEVICE
+            {
+                return Err(format!("device {} has an impossible data area", d.id));
+            }
+        }
+        let mut names: Vec<&str> = self.volumes.iter().map(|v| v.name.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return Err("two volumes share a name".into());
+        }
+        if let Some(v) = self.volumes.iter().find(|v| v.size_bytes == 0 || v.size_bytes > v.tree.size()) {
+            return Err(format!("volume {} is larger than its tree", v.name));
+        }
+        Ok(())
+    }
+}
+
 /// A member device as the configuration knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {

@@ -147,7 +147,10 @@ async fn read_slot(io: &dyn BlockIo, label: &Label, index: u64) -> SlotRead {
                     && m.pool_id == label.pool_id
                     && m.generation == generation =>
             {
-                SlotRead::Valid(generation, m)
+                match m.config.as_ref().map(PoolConfig::validate) {
+                    Some(Err(why)) => SlotRead::Bad(format!("configuration is invalid: {why}")),
+                    _ => SlotRead::Valid(generation, m),
+                }
             }
             Ok(_) => SlotRead::Bad("records belong to another device".into()),
             Err(e) => SlotRead::Bad(format!("records do not parse: {e}")),

@@ -11,9 +11,10 @@
 //!  64  device size u64       72  block size u32        76  copy index u32 (0 front, 1 back)
 //!  80  metadata offset u64   88  metadata slot size u64
 //!  96  data offset u64      104  data size u64        112 reserved, zero [12]
-//! 124  crc32c of bytes 0..124
+//! 124  crc32c of the whole 4 KiB block with this field zeroed
 //! ```
-//! The rest of the 4 KiB block is zero.
+//! The rest of the block is zero, and covered by the checksum too: any damaged byte of a
+//! copy makes it invalid.
 
 use uuid::Uuid;
 
@@ -25,6 +26,8 @@ pub const FORMAT_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"STRATALB";
 const HEADER_LEN: usize = 128;
 const HEADER_LEN_FIELD: u32 = 128;
+/// Largest metadata slot: bounds what a corrupt label can make a reader allocate.
+pub const MAX_SLOT_SIZE: u64 = 256 << 20;
 /// Largest block size a label supports (the label must fill whole blocks).
 pub const MAX_BLOCK_SIZE: u32 = 4096;
 const CRC_AT: usize = 124;
@@ -99,21 +102,21 @@ impl Label {
         b[88..96].copy_from_slice(&self.slot_size.to_le_bytes());
         b[96..104].copy_from_slice(&self.data_offset.to_le_bytes());
         b[104..112].copy_from_slice(&self.data_size.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        let crc = checksum(&b);
         b[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     /// Decodes a copy; any byte slice is accepted and judged.
     pub fn decode(raw: &[u8]) -> Result<Label, LabelError> {
-        if raw.len() < HEADER_LEN || &raw[0..8] != MAGIC {
+        if raw.len() != LABEL_BYTES || &raw[0..8] != MAGIC {
             return Err(LabelError::NoMagic);
         }
         let u32_at = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
         let uuid_at = |at: usize| Uuid::from_bytes(raw[at..at + 16].try_into().expect("16 bytes"));
         let stored = u32_at(CRC_AT);
-        let computed = crc32c::crc32c(&raw[..CRC_AT]);
+        let computed = checksum(raw);
         if stored != computed {
             return Err(LabelError::Checksum { stored, computed });
         }
@@ -144,7 +147,11 @@ impl Label {
         if !self.block_size.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&self.block_size) {
             return bad("block size is not a power of two between 512 and 4096");
         }
-        if self.metadata_offset < LABEL_SIZE || self.slot_size == 0 || !self.slot_size.is_multiple_of(bs) {
+        if self.metadata_offset < LABEL_SIZE
+            || self.slot_size == 0
+            || self.slot_size > MAX_SLOT_SIZE
+            || !self.slot_size.is_multiple_of(bs)
+        {
             return bad("metadata area overlaps the label or is not block-aligned");
         }
         let metadata_end = self.slot_size.checked_mul(2).and_then(|s| s.checked_add(self.metadata_offset));
@@ -154,6 +161,13 @@ impl Label {
             _ => bad("metadata or data area reaches past the back label"),
         }
     }
+}
+
+/// CRC32C of a label block with its CRC field taken as zero.
+fn checksum(block: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&block[..CRC_AT]);
+    let crc = crc32c::crc32c_append(crc, &[0; 4]);
+    crc32c::crc32c_append(crc, &block[HEADER_LEN..])
 }
 
 /// Offset of the back copy on a device of `device_size` bytes.
@@ -189,9 +203,9 @@ mod tests {
     }
 
     #[test]
-    fn every_single_byte_corruption_of_the_header_is_detected() {
+    fn every_single_byte_corruption_is_detected() {
         let raw = sample().encode(0);
-        for at in 0..HEADER_LEN {
+        for at in 0..LABEL_BYTES {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut bad = raw.clone();
                 bad[at] ^= flip;

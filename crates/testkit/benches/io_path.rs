@@ -1,7 +1,9 @@
 #![allow(clippy::cast_possible_truncation)] // Sizes here are small constants.
 //! The IO path through every layout over in-memory devices, no network: 4 KiB random and
-//! 1 MiB sequential reads and writes. After criterion's own report, prints MB/s per layout
-//! and the ratio of each layout to linear, read back from criterion's estimates.
+//! 1 MiB sequential reads and writes, one request at a time. After criterion's own report
+//! (kept for comparing changes over time), prints MB/s per layout and the ratio of each
+//! layout to linear from a second pass that interleaves the layouts round by round, so a
+//! busy or throttled machine slows them all alike and the ratios stay fair.
 //!
 //! Run: `cargo bench -p strata-testkit --bench io_path` (see docs/benchmarks.md).
 
@@ -46,35 +48,46 @@ fn volume(rt: &tokio::runtime::Runtime, layout: Layout) -> Arc<dyn BlockIo> {
     })
 }
 
-fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+/// Offsets of the next `n` requests of a workload.
+fn offsets(workload: &str, size: u64, n: usize, rng: &mut SmallRng, next_seq: &mut u64) -> Vec<u64> {
+    (0..n)
+        .map(|_| {
+            if workload.contains("rand") {
+                rng.random_range(0..VOLUME / size) * size
+            } else {
+                *next_seq = (*next_seq + size) % VOLUME;
+                *next_seq
+            }
+        })
+        .collect()
+}
+
+async fn run_one(io: &Arc<dyn BlockIo>, workload: &str, offset: u64, size: u64, data: &Bytes) {
+    if workload.contains("write") {
+        io.write(offset, data.clone(), Durability::Cached).await.unwrap();
+    } else {
+        std::hint::black_box(io.read(offset, size).await.unwrap());
+    }
+}
+
+fn size_of(workload: &str) -> u64 {
+    if workload.starts_with("4k") { SMALL } else { LARGE }
+}
+
+fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime, volumes: &[(Layout, Arc<dyn BlockIo>)]) {
     for workload in WORKLOADS {
         let mut group = c.benchmark_group(workload);
-        let size = if workload.starts_with("4k") { SMALL } else { LARGE };
+        let size = size_of(workload);
         group.throughput(Throughput::Bytes(size));
-        for layout in Layout::ALL {
-            let io = volume(&rt, layout);
+        for (layout, io) in volumes {
             let mut rng = SmallRng::seed_from_u64(7);
-            let data = Bytes::from(vec![0x3cu8; size as usize]);
             let mut next_seq = 0u64;
+            let data = Bytes::from(vec![0x3cu8; size as usize]);
             group.bench_function(BenchmarkId::from_parameter(layout), |b| {
-                b.to_async(&rt).iter(|| {
-                    let offset = if workload.contains("rand") {
-                        rng.random_range(0..VOLUME / size) * size
-                    } else {
-                        next_seq = (next_seq + size) % VOLUME;
-                        next_seq
-                    };
-                    let io = io.clone();
-                    let data = data.clone();
-                    let write = workload.contains("write");
-                    async move {
-                        if write {
-                            io.write(offset, data, Durability::Cached).await.unwrap();
-                        } else {
-                            std::hint::black_box(io.read(offset, size).await.unwrap());
-                        }
-                    }
+                b.to_async(rt).iter(|| {
+                    let offset = offsets(workload, size, 1, &mut rng, &mut next_seq)[0];
+                    let (io, data) = (io.clone(), data.clone());
+                    async move { run_one(&io, workload, offset, size, &data).await }
                 });
             });
         }
@@ -82,29 +95,45 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// Mean time per operation in nanoseconds, from criterion's saved estimates.
-fn mean_ns(workload: &str, layout: Layout) -> Option<f64> {
-    let dir = std::env::var("CARGO_TARGET_DIR")
-        .unwrap_or_else(|_| format!("{}/../../target", env!("CARGO_MANIFEST_DIR")));
-    let path = format!("{dir}/criterion/{workload}/{layout}/new/estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    json["mean"]["point_estimate"].as_f64()
-}
-
-fn summary() {
-    println!("\nMB/s per layout over {DEVICES} in-memory devices (ratio to linear):\n");
+/// MB/s of every layout for every workload: the median over rounds in which each layout
+/// runs the same requests in turn.
+fn interleaved(rt: &tokio::runtime::Runtime, volumes: &[(Layout, Arc<dyn BlockIo>)]) {
+    const ROUNDS: usize = 15;
+    println!("\nMB/s per layout over {DEVICES} in-memory devices, one request at a time");
+    println!("(median of {ROUNDS} interleaved rounds; ratio to linear in brackets):\n");
     print!("| layout |");
     WORKLOADS.iter().for_each(|w| print!(" {w} |"));
     println!("\n| --- |{}", " --- |".repeat(WORKLOADS.len()));
-    for layout in Layout::ALL {
-        print!("| {layout} |");
-        for workload in WORKLOADS {
-            let size = if workload.starts_with("4k") { SMALL } else { LARGE } as f64;
-            match (mean_ns(workload, layout), mean_ns(workload, Layout::Linear)) {
-                (Some(ns), Some(linear)) => print!(" {:.0} ({:.2}×) |", size / ns * 1e3, linear / ns),
-                _ => print!(" n/a |"),
+    let mut table = vec![vec![0f64; WORKLOADS.len()]; volumes.len()];
+    for (w, workload) in WORKLOADS.iter().enumerate() {
+        let size = size_of(workload);
+        let per_round = if size == SMALL { 20_000 } else { 300 };
+        let data = Bytes::from(vec![0x3cu8; size as usize]);
+        let mut rng = SmallRng::seed_from_u64(11);
+        let mut next_seq = 0;
+        let mut samples = vec![Vec::new(); volumes.len()];
+        for _ in 0..ROUNDS {
+            let round = offsets(workload, size, per_round, &mut rng, &mut next_seq);
+            for (v, (_, io)) in volumes.iter().enumerate() {
+                let start = std::time::Instant::now();
+                rt.block_on(async {
+                    for &offset in &round {
+                        run_one(io, workload, offset, size, &data).await;
+                    }
+                });
+                let bytes = (size * per_round as u64) as f64;
+                samples[v].push(bytes / start.elapsed().as_secs_f64() / 1e6);
             }
+        }
+        for (v, mut s) in samples.into_iter().enumerate() {
+            s.sort_by(f64::total_cmp);
+            table[v][w] = s[ROUNDS / 2];
+        }
+    }
+    for (v, (layout, _)) in volumes.iter().enumerate() {
+        print!("| {layout} |");
+        for (mb, linear) in table[v].iter().zip(&table[0]) {
+            print!(" {mb:.0} ({:.2}×) |", mb / linear);
         }
         println!();
     }
@@ -113,10 +142,12 @@ fn summary() {
 fn main() {
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(1))
         .sample_size(20)
         .configure_from_args();
-    bench(&mut c);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let volumes: Vec<(Layout, Arc<dyn BlockIo>)> = Layout::ALL.iter().map(|&l| (l, volume(&rt, l))).collect();
+    bench(&mut c, &rt, &volumes);
     c.final_summary();
-    summary();
+    interleaved(&rt, &volumes);
 }

@@ -176,36 +176,52 @@ impl Reference {
 
 /// Runs `op` against `volume` and the reference; reads are compared.
 pub async fn apply(volume: &dyn BlockIo, reference: &mut Reference, op: &Op) -> Result<(), String> {
+    let read = issue(volume, op).await?;
+    record(reference, op, read.as_ref(), u64::from(volume.geometry().block_size))
+}
+
+/// Issues `op` to the volume; returns what a read read.
+pub async fn issue(volume: &dyn BlockIo, op: &Op) -> Result<Option<Bytes>, String> {
     let bs = u64::from(volume.geometry().block_size);
+    let fail = |e: strata_block::IoError| format!("{op:?}: {e}");
     match *op {
         Op::Read { block, blocks } => {
-            let got = volume.read(block * bs, blocks * bs).await.map_err(|e| format!("{op:?}: {e}"))?;
-            if got.as_ref() != reference.read(block * bs, blocks * bs) {
-                let first = got.iter().zip(reference.read(block * bs, blocks * bs)).position(|(a, b)| a != b);
+            return volume.read(block * bs, blocks * bs).await.map(Some).map_err(fail);
+        }
+        Op::Write { block, blocks, seed, fua } => {
+            let data = pattern(seed, block * bs, usize::try_from(blocks * bs).expect("fits"));
+            let durability = if fua { Durability::Fua } else { Durability::Cached };
+            volume.write(block * bs, Bytes::from(data), durability).await.map_err(fail)?;
+        }
+        Op::Discard { block, blocks } => volume.discard(block * bs, blocks * bs).await.map_err(fail)?,
+        Op::WriteZeroes { block, blocks } => {
+            volume.write_zeroes(block * bs, blocks * bs).await.map_err(fail)?
+        }
+        Op::Flush => volume.flush().await.map_err(fail)?,
+    }
+    Ok(None)
+}
+
+/// Applies a completed `op` to the reference, checking what a read returned.
+pub fn record(reference: &mut Reference, op: &Op, read: Option<&Bytes>, bs: u64) -> Result<(), String> {
+    match *op {
+        Op::Read { block, blocks } => {
+            let got = read.ok_or("a read returned nothing")?;
+            let want = reference.read(block * bs, blocks * bs);
+            if got.as_ref() != want {
+                let first = got.iter().zip(want).position(|(a, b)| a != b);
                 return Err(format!("{op:?}: data differs from the reference at byte {first:?}"));
             }
         }
         Op::Write { block, blocks, seed, fua } => {
             let data = pattern(seed, block * bs, usize::try_from(blocks * bs).expect("fits"));
             let durability = if fua { Durability::Fua } else { Durability::Cached };
-            volume
-                .write(block * bs, Bytes::from(data.clone()), durability)
-                .await
-                .map_err(|e| format!("{op:?}: {e}"))?;
             reference.write(block * bs, blocks * bs, Some(&data), durability);
         }
-        Op::Discard { block, blocks } => {
-            volume.discard(block * bs, blocks * bs).await.map_err(|e| format!("{op:?}: {e}"))?;
+        Op::Discard { block, blocks } | Op::WriteZeroes { block, blocks } => {
             reference.write(block * bs, blocks * bs, None, Durability::Cached);
         }
-        Op::WriteZeroes { block, blocks } => {
-            volume.write_zeroes(block * bs, blocks * bs).await.map_err(|e| format!("{op:?}: {e}"))?;
-            reference.write(block * bs, blocks * bs, None, Durability::Cached);
-        }
-        Op::Flush => {
-            volume.flush().await.map_err(|e| format!("flush: {e}"))?;
-            reference.flush();
-        }
+        Op::Flush => reference.flush(),
     }
     Ok(())
 }

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
-use strata_block::BlockIo;
+use strata_block::{BlockIo, FaultAction, FaultPlan, FaultRule, OpFilter};
 use strata_testkit::{
-    Op, PoolShape, Reference, TestPool, apply, check_redundancy, ops, request, survivable_failures,
+    Op, PoolShape, Reference, TestPool, apply, check_redundancy, issue, ops, record, request,
+    survivable_failures,
 };
 use strata_volume::Layout;
 
@@ -165,6 +166,65 @@ fn survives_crash(
     })
 }
 
+/// The blocks an op touches, `[first, end)`; `None` for a flush.
+fn span(op: &Op) -> Option<(u64, u64)> {
+    match *op {
+        Op::Read { block, blocks }
+        | Op::Write { block, blocks, .. }
+        | Op::Discard { block, blocks }
+        | Op::WriteZeroes { block, blocks } => Some((block, block + blocks)),
+        Op::Flush => None,
+    }
+}
+
+/// Ops issued together, with random device latency so they interleave: writes that share
+/// a parity row or a bitmap region race for real. Ops in a batch never overlap each other,
+/// so the reference does not depend on their order.
+fn concurrent_io_matches_reference(
+    layout: Layout,
+    g: Geometry,
+    ops: Vec<Op>,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    strata_testkit::runtime().block_on(async {
+        let (pool, volume) = setup(layout, g).await;
+        for (i, dev) in pool.faulty.iter().enumerate() {
+            dev.set_plan(FaultPlan {
+                seed: seed.wrapping_add(i as u64),
+                rules: vec![FaultRule {
+                    probability: 0.5,
+                    ..FaultRule::always(OpFilter::All, FaultAction::Delay { micros: 30 })
+                }],
+            });
+        }
+        let mut reference = Reference::new(VOLUME, g.block_size);
+        let mut batch: Vec<&Op> = Vec::new();
+        let mut batches = Vec::new();
+        for op in &ops {
+            let overlaps = span(op)
+                .is_some_and(|(s, e)| batch.iter().filter_map(|b| span(b)).any(|(bs, be)| s < be && bs < e));
+            if overlaps || batch.len() == 8 {
+                batches.push(std::mem::take(&mut batch));
+            }
+            batch.push(op);
+        }
+        batches.push(batch);
+        for batch in batches {
+            let results = futures::future::join_all(batch.iter().map(|op| issue(volume.as_ref(), op))).await;
+            // No op of a batch touches what another touches, so recording them in any order
+            // checks each read against what it must have seen.
+            for (op, result) in batch.iter().zip(results) {
+                let read = result.map_err(TestCaseError::fail)?;
+                record(&mut reference, op, read.as_ref(), u64::from(g.block_size))
+                    .map_err(TestCaseError::fail)?;
+            }
+        }
+        let all = volume.read(0, VOLUME).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(all.as_ref() == reference.read(0, VOLUME), "final image differs");
+        Ok(())
+    })
+}
+
 macro_rules! layout_properties {
     ($module:ident, $layout:expr, redundant: $redundant:tt) => {
         mod $module {
@@ -176,6 +236,14 @@ macro_rules! layout_properties {
                 #[test]
                 fn io_matches_reference((g, ops) in geometry($layout).prop_flat_map(|g| (Just(g), ops_for(g)))) {
                     super::io_matches_reference($layout, g, ops)?;
+                }
+
+                #[test]
+                fn concurrent_io_matches_reference(
+                    (g, ops) in geometry($layout).prop_flat_map(|g| (Just(g), ops_for(g))),
+                    seed in any::<u64>(),
+                ) {
+                    super::concurrent_io_matches_reference($layout, g, ops, seed)?;
                 }
 
                 #[test]

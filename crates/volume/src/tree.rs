@@ -96,6 +96,9 @@ struct Builder<'a> {
     missing: bool,
 }
 
+/// Most regions a bitmap may have; planned bitmaps have at most 32 Ki.
+const MAX_REGIONS: u64 = 1 << 22;
+
 fn malformed(node: &'static str, reason: impl Into<String>) -> BuildError {
     BuildError::Malformed { node, reason: reason.into() }
 }
@@ -165,6 +168,12 @@ impl Builder<'_> {
             return Err(malformed(
                 "bitmap",
                 format!("region {} with {} copies", spec.region_size, spec.copies.len()),
+            ));
+        }
+        if node_size / spec.region_size > MAX_REGIONS {
+            return Err(malformed(
+                "bitmap",
+                format!("region {} is too small for a {node_size}-byte node", spec.region_size),
             ));
         }
         let missing = self.missing;

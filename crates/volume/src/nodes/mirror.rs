@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::future::join_all;
+use futures::future::{BoxFuture, join_all};
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 
 use super::bitmap::Bitmap;
@@ -51,14 +51,17 @@ impl Mirror {
         (0..self.legs.len()).filter(|&i| self.is_failed(i)).count()
     }
 
-    /// Takes a leg out of service after a device error.
-    async fn fail_leg(&self, leg: usize, error: &IoError) {
-        if !self.failed[leg].swap(true, Ordering::SeqCst) {
-            tracing::warn!(leg, %error, "mirror leg failed; continuing degraded");
-        }
-        if let Err(e) = self.bitmap.mark_failed(1 << leg).await {
-            tracing::error!(leg, error = %e, "cannot record the failed leg in the bitmap");
-        }
+    /// Takes a leg out of service after a device error. Boxed: a rare path that would
+    /// otherwise make every read's future as large as a bitmap update.
+    fn fail_leg<'a>(&'a self, leg: usize, error: &'a IoError) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if !self.failed[leg].swap(true, Ordering::SeqCst) {
+                tracing::warn!(leg, %error, "mirror leg failed; continuing degraded");
+            }
+            if let Err(e) = self.bitmap.mark_failed(1 << leg).await {
+                tracing::error!(leg, error = %e, "cannot record the failed leg in the bitmap");
+            }
+        })
     }
 
     fn too_many(&self, op: IoOp, offset: u64) -> IoError {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::future::{join_all, try_join_all};
+use futures::future::{BoxFuture, join_all, try_join_all};
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 use tokio::sync::Mutex;
 
@@ -116,13 +116,16 @@ impl Parity {
         }
     }
 
-    /// After a device error: fails the member, or passes a request error through.
-    async fn absorb(&self, m: usize, error: IoError) -> Result<(), IoError> {
-        if error.is_request_error() {
-            return Err(error);
-        }
-        self.fail_member(m, &error).await;
-        if self.failed_count() > self.parity { Err(self.too_many(IoOp::Write, 0)) } else { Ok(()) }
+    /// After a device error: fails the member, or passes a request error through. Boxed:
+    /// a rare path kept out of the futures of every read and write.
+    fn absorb(&self, m: usize, error: IoError) -> BoxFuture<'_, Result<(), IoError>> {
+        Box::pin(async move {
+            if error.is_request_error() {
+                return Err(error);
+            }
+            self.fail_member(m, &error).await;
+            if self.failed_count() > self.parity { Err(self.too_many(IoOp::Write, 0)) } else { Ok(()) }
+        })
     }
 
     fn lock(&self, row: u64) -> &Mutex<()> {
@@ -172,12 +175,25 @@ impl Parity {
                 Err(e) => self.absorb(m, e).await?,
             }
         }
-        let _row = self.lock(row).lock().await;
-        let mut bufs = self.read_row(row, at, len, &vec![false; self.n()]).await?;
-        if !self.solve(row, &mut bufs, len) {
-            return Err(self.too_many(IoOp::Read, row));
-        }
-        Ok(BytesMut::from(&bufs[m].take().expect("solved")[..]))
+        self.rebuild_piece(row, m, at, len).await
+    }
+
+    /// Rebuilds `len` bytes at `at` of member `m`'s chunk in `row` from the rest of the row.
+    fn rebuild_piece(
+        &self,
+        row: u64,
+        m: usize,
+        at: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<BytesMut, IoError>> {
+        Box::pin(async move {
+            let _row = self.lock(row).lock().await;
+            let mut bufs = self.read_row(row, at, len, &vec![false; self.n()]).await?;
+            if !self.solve(row, &mut bufs, len) {
+                return Err(self.too_many(IoOp::Read, row));
+            }
+            Ok(BytesMut::from(&bufs[m].take().expect("solved")[..]))
+        })
     }
 
     /// Row and data chunk index of a piece.
