@@ -3,9 +3,10 @@
 //! Each request runs `pread`/`pwritev2` on a blocking thread; a per-device semaphore bounds
 //! how many are in flight so one busy device cannot take the whole pool. FUA is
 //! `RWF_DSYNC` (with an `fdatasync` fallback where the kernel refuses the flag), flush is
-//! `fdatasync`, discard punches a hole and write-zeroes uses `FALLOC_FL_ZERO_RANGE`
-//! (both also work on block devices, where the kernel turns them into discard and
-//! write-zeroes commands). With `direct` the file is opened `O_DIRECT` and buffers are
+//! `fdatasync`, discard punches a hole and write-zeroes uses `FALLOC_FL_ZERO_RANGE`, falling
+//! back to a hole and then to written zeroes where the file system lacks them (both modes
+//! also work on block devices, where the kernel turns them into discard and write-zeroes
+//! commands). With `direct` the file is opened `O_DIRECT` and buffers are
 //! bounced through block-aligned memory.
 
 use std::fs::{File, OpenOptions};
@@ -153,22 +154,24 @@ fn write_all_at(file: &File, mut data: &[u8], mut offset: u64, durability: Durab
     Ok(())
 }
 
-fn fallocate_or_write(file: &File, flags: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
-    match fallocate(file, flags | FallocateFlags::KEEP_SIZE, offset, len) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::OPNOTSUPP) => {
-            // The file system cannot do it natively: write zeroes by hand.
-            let chunk = vec![0u8; 1 << 20];
-            let mut at = offset;
-            while at < offset + len {
-                let n = (offset + len - at).min(chunk.len() as u64);
-                file.write_all_at(&chunk[..usize::try_from(n).expect("≤ 1 MiB")], at)?;
-                at += n;
-            }
-            Ok(())
+/// Zeroes a range with the first of `modes` the file system supports, or by writing
+/// zeroes when it supports none (tmpfs, for one, cannot `ZERO_RANGE` but can punch holes).
+fn zero_range(file: &File, modes: &[FallocateFlags], offset: u64, len: u64) -> io::Result<()> {
+    for &mode in modes {
+        match fallocate(file, mode | FallocateFlags::KEEP_SIZE, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => continue,
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
+    let chunk = vec![0u8; 1 << 20];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(chunk.len() as u64);
+        file.write_all_at(&chunk[..usize::try_from(n).expect("≤ 1 MiB")], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -223,7 +226,7 @@ impl BlockIo for FileDevice {
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::Discard, offset, len)?;
         self.run(IoOp::Discard, offset, len, move |file| {
-            fallocate_or_write(file, FallocateFlags::PUNCH_HOLE, offset, len)
+            zero_range(file, &[FallocateFlags::PUNCH_HOLE], offset, len)
         })
         .await
     }
@@ -231,7 +234,7 @@ impl BlockIo for FileDevice {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::WriteZeroes, offset, len)?;
         self.run(IoOp::WriteZeroes, offset, len, move |file| {
-            fallocate_or_write(file, FallocateFlags::ZERO_RANGE, offset, len)
+            zero_range(file, &[FallocateFlags::ZERO_RANGE, FallocateFlags::PUNCH_HOLE], offset, len)
         })
         .await
     }

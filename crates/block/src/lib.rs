@@ -81,8 +81,8 @@ impl Geometry {
 ///   the write completed* has completed. A crash may lose any other write, or tear it: a
 ///   torn write leaves each block either old or new, never a mix within a block.
 /// - **Discard.** After `discard` completes the range reads as zeroes; a backend may free
-///   the space behind it. `write_zeroes` also reads as zeroes and keeps the space
-///   allocated. Both are as durable as a cached write.
+///   the space behind it. `write_zeroes` also reads as zeroes and keeps the space allocated
+///   where the backend can. Both are as durable as a cached write.
 /// - **Errors.** A failed write leaves its range undefined (old, new or a mix per block);
 ///   a failed read returns no data. An error never means "partially done, go on".
 #[async_trait]

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -62,11 +62,20 @@ fn offsets(workload: &str, size: u64, n: usize, rng: &mut SmallRng, next_seq: &m
         .collect()
 }
 
-async fn run_one(io: &Arc<dyn BlockIo>, workload: &str, offset: u64, size: u64, data: &Bytes) {
+/// One request. Reads fill a buffer the caller keeps, as a frontend does with its
+/// per-connection buffers, so what is measured is the IO path and not the allocator.
+async fn run_one(
+    io: &Arc<dyn BlockIo>,
+    workload: &str,
+    offset: u64,
+    buf: BytesMut,
+    data: &Bytes,
+) -> BytesMut {
     if workload.contains("write") {
         io.write(offset, data.clone(), Durability::Cached).await.unwrap();
+        buf
     } else {
-        std::hint::black_box(io.read(offset, size).await.unwrap());
+        std::hint::black_box(io.read_into(offset, buf).await.unwrap())
     }
 }
 
@@ -83,11 +92,15 @@ fn bench(c: &mut Criterion, rt: &tokio::runtime::Runtime, volumes: &[(Layout, Ar
             let mut rng = SmallRng::seed_from_u64(7);
             let mut next_seq = 0u64;
             let data = Bytes::from(vec![0x3cu8; size as usize]);
+            let buf = std::cell::RefCell::new(BytesMut::zeroed(size as usize));
             group.bench_function(BenchmarkId::from_parameter(layout), |b| {
                 b.to_async(rt).iter(|| {
                     let offset = offsets(workload, size, 1, &mut rng, &mut next_seq)[0];
-                    let (io, data) = (io.clone(), data.clone());
-                    async move { run_one(&io, workload, offset, size, &data).await }
+                    let (io, data, buf) = (io.clone(), data.clone(), &buf);
+                    async move {
+                        let taken = buf.take();
+                        *buf.borrow_mut() = run_one(&io, workload, offset, taken, &data).await;
+                    }
                 });
             });
         }
@@ -117,8 +130,9 @@ fn interleaved(rt: &tokio::runtime::Runtime, volumes: &[(Layout, Arc<dyn BlockIo
             for (v, (_, io)) in volumes.iter().enumerate() {
                 let start = std::time::Instant::now();
                 rt.block_on(async {
+                    let mut buf = BytesMut::zeroed(size as usize);
                     for &offset in &round {
-                        run_one(io, workload, offset, size, &data).await;
+                        buf = run_one(io, workload, offset, buf, &data).await;
                     }
                 });
                 let bytes = (size * per_round as u64) as f64;

@@ -65,6 +65,9 @@ impl BlockIo for Concat {
 
     async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
         let shares = self.shares(IoOp::Read, offset, buf.len() as u64)?;
+        if let [(i, o, _, _)] = shares[..] {
+            return self.children[i].read_into(o, buf).await;
+        }
         read_parts(buf, shares.iter().map(|s| s.2), |i, part| {
             let (child, at, _, _) = shares[i];
             self.children[child].read_into(at, part)

@@ -1,10 +1,10 @@
-//! Mirror (RAID 1): every leg holds the whole node. Reads go round-robin to healthy legs
-//! and fall over to the next leg on error; writes go to every healthy leg and succeed
+//! Mirror (RAID 1): every leg holds the whole node. Reads are spread over the healthy legs
+//! by address and fall over to the next leg on error; writes go to every healthy leg and succeed
 //! while one leg takes them. A leg that fails is recorded in the write-intent bitmap, so
 //! when it comes back only the regions written meanwhile are copied to it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -17,10 +17,12 @@ use crate::tree::{NodeHealth, Redundant};
 pub(crate) struct Mirror {
     legs: Vec<Arc<dyn BlockIo>>,
     failed: Vec<AtomicBool>,
-    next_read: AtomicUsize,
     bitmap: Bitmap,
     geometry: Geometry,
 }
+
+/// Reads of one span of this many bytes go to the same leg first.
+const READ_SPAN_SHIFT: u32 = 20;
 
 /// Largest piece copied at once during a resync.
 const RESYNC_PIECE: u64 = 1 << 20;
@@ -37,10 +39,16 @@ impl Mirror {
         Self {
             legs,
             failed,
-            next_read: AtomicUsize::new(0),
             bitmap: Bitmap::new(size_bytes, bitmap_region, bitmap_copies),
             geometry: Geometry { block_size, size_bytes },
         }
+    }
+
+    /// The leg that serves reads of `offset` while it is healthy: spans of 1 MiB take turns
+    /// round the legs, so random reads spread evenly and each leg's cache holds different
+    /// data, instead of every leg caching everything.
+    fn preferred_leg(&self, offset: u64) -> usize {
+        usize::try_from((offset >> READ_SPAN_SHIFT) % self.legs.len() as u64).expect("leg index")
     }
 
     fn is_failed(&self, leg: usize) -> bool {
@@ -116,7 +124,7 @@ impl BlockIo for Mirror {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         self.geometry.check(IoOp::Read, offset, len)?;
         let n = self.legs.len();
-        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+        let start = self.preferred_leg(offset);
         for k in 0..n {
             let leg = (start + k) % n;
             if self.is_failed(leg) {
@@ -135,7 +143,7 @@ impl BlockIo for Mirror {
         let len = buf.len();
         self.geometry.check(IoOp::Read, offset, len as u64)?;
         let n = self.legs.len();
-        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+        let start = self.preferred_leg(offset);
         let mut buf = Some(buf);
         for k in 0..n {
             let leg = (start + k) % n;

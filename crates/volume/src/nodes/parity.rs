@@ -437,6 +437,10 @@ impl BlockIo for Parity {
     async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
         self.geometry.check(IoOp::Read, offset, buf.len() as u64)?;
         let parts: Vec<Piece> = pieces(offset, buf.len() as u64, self.chunk).collect();
+        if let [piece] = parts[..] {
+            let (row, k) = self.place(&piece);
+            return self.read_piece(row, k, piece.offset_in_unit, buf).await;
+        }
         read_parts(buf, parts.iter().map(|p| p.len), |i, part| {
             let (row, k) = self.place(&parts[i]);
             self.read_piece(row, k, parts[i].offset_in_unit, part)

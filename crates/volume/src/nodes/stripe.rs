@@ -68,6 +68,10 @@ impl BlockIo for Stripe {
     async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
         self.geometry.check(IoOp::Read, offset, buf.len() as u64)?;
         let parts: Vec<Piece> = pieces(offset, buf.len() as u64, self.chunk).collect();
+        if let [piece] = parts[..] {
+            let (child, at) = self.locate(&piece);
+            return self.children[child].read_into(at, buf).await;
+        }
         read_parts(buf, parts.iter().map(|p| p.len), |i, part| {
             let (child, at) = self.locate(&parts[i]);
             self.children[child].read_into(at, part)
