@@ -9,11 +9,12 @@ use serde::{Deserialize, Serialize};
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 
 use crate::nodes::bitmap::Bitmap;
-use crate::nodes::concat::Concat;
+use crate::nodes::concat::ConcatMap;
 use crate::nodes::extent::{Extent, Missing};
 use crate::nodes::mirror::Mirror;
 use crate::nodes::parity::Parity;
-use crate::nodes::stripe::Stripe;
+use crate::nodes::split::Split;
+use crate::nodes::stripe::StripeMap;
 use crate::spec::{BitmapSpec, DeviceId, NodeSpec};
 
 /// Mirror and parity nodes: the ones with members that can fail and a bitmap to recover.
@@ -135,11 +136,17 @@ impl Builder<'_> {
                 if children.is_empty() {
                     return Err(malformed("concat", "no children"));
                 }
-                Arc::new(Concat::new(self.children(children)?))
+                let children = self.children(children)?;
+                let map = ConcatMap::new(children.iter().map(|c| c.geometry().size_bytes));
+                let size = map.size();
+                Arc::new(Split::new(map, children, size))
             }
             NodeSpec::Stripe { chunk, children } => {
                 check_members("stripe", children, 2, Some(*chunk))?;
-                Arc::new(Stripe::new(*chunk, self.children(children)?))
+                let children = self.children(children)?;
+                let child_size = children.iter().map(|c| c.geometry().size_bytes).min().unwrap_or(0);
+                let size = child_size / chunk * chunk * children.len() as u64;
+                Arc::new(Split::new(StripeMap::new(*chunk, children.len()), children, size))
             }
             NodeSpec::Mirror { children, bitmap } => {
                 check_members("mirror", children, 1, None)?;

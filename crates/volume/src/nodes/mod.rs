@@ -6,6 +6,7 @@ pub(crate) mod extent;
 pub(crate) mod gf;
 pub(crate) mod mirror;
 pub(crate) mod parity;
+pub(crate) mod split;
 pub(crate) mod stripe;
 
 use bytes::BytesMut;
