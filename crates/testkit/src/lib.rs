@@ -291,6 +291,11 @@ impl TestPool {
         Self { pool: pool.expect("pool found"), memory, faulty, ids }
     }
 
+    /// The memory devices by id, for reading what is on them directly.
+    pub fn device_map(&self) -> BTreeMap<Uuid, Arc<dyn BlockIo>> {
+        self.ids.iter().zip(&self.memory).map(|(id, m)| (*id, m.clone() as Arc<dyn BlockIo>)).collect()
+    }
+
     /// The index of a device id.
     pub fn index_of(&self, id: Uuid) -> usize {
         self.ids.iter().position(|i| *i == id).expect("known device")

@@ -4,7 +4,6 @@
 //!
 //! Case counts: `STRATA_PROPTEST_CASES` (CI sets a larger number than the inner loop).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -129,6 +128,22 @@ fn survives_device_failure(
             all.as_ref() == reference.read(0, VOLUME),
             "image differs after rebuild without the lost devices"
         );
+
+        // More writes while degraded; then the lost devices come back and catch up from
+        // the regions the bitmaps kept dirty for them.
+        for op in ops.iter().rev().take(10) {
+            apply(volume.as_ref(), &mut reference, op).await.map_err(TestCaseError::fail)?;
+        }
+        volume.flush().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        drop(volume);
+        doomed.iter().for_each(|id| reopened.faulty[reopened.index_of(*id)].reappear());
+        let healed = reopened.crash_and_reopen(1).await;
+        let volume = healed.pool.volume("v").expect("volume after the devices returned");
+        prop_assert_eq!(volume.info().state, strata_volume::VolumeState::Healthy);
+        let all = volume.io().read(0, VOLUME).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(all.as_ref() == reference.read(0, VOLUME), "image differs after the devices returned");
+        let spec = healed.pool.volume_spec("v").await.expect("spec");
+        check_redundancy(&spec, &healed.device_map()).await.map_err(TestCaseError::fail)?;
         Ok(())
     })
 }
@@ -154,10 +169,8 @@ fn survives_crash(
         let volume = pool.pool.volume("v").expect("volume after crash").io();
         let all = volume.read(0, VOLUME).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
         reference.check_after_crash(&all).map_err(TestCaseError::fail)?;
-        let devices: BTreeMap<_, Arc<dyn BlockIo>> =
-            pool.ids.iter().zip(&pool.memory).map(|(id, m)| (*id, m.clone() as Arc<dyn BlockIo>)).collect();
         let spec = pool.pool.volume_spec("v").await.expect("spec");
-        check_redundancy(&spec, &devices).await.map_err(TestCaseError::fail)?;
+        check_redundancy(&spec, &pool.device_map()).await.map_err(TestCaseError::fail)?;
         // The volume keeps working after recovery.
         for op in ops.iter().skip(crash_at % (ops.len() + 1)).take(10) {
             apply(volume.as_ref(), &mut reference, op).await.map_err(TestCaseError::fail)?;

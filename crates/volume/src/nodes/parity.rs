@@ -216,9 +216,9 @@ impl Parity {
         let rcw_reads = full.iter().filter(|f| !**f).count();
         if healthy
             && rmw_reads < rcw_reads
-            && let Some(writes) = self.read_modify_write(row, &parts, lo, len).await?
+            && let Some((p, q)) = self.read_modify_write(row, &parts, lo, len).await?
         {
-            return self.write_members(row, writes, durability).await;
+            return self.write_members(row, self.row_writes(row, &parts, lo, p, q), durability).await;
         }
         // Reconstruct-write: know the whole row over [lo, hi), overlay, recompute parity.
         let mut skip = vec![false; self.n()];
@@ -249,24 +249,37 @@ impl Parity {
         }
         let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
         let (p, q) = gf::compute(&refs, self.parity == 2);
+        self.write_members(row, self.row_writes(row, &parts, lo, p, q), durability).await
+    }
+
+    /// The member writes of a row update: the new data, then P (and Q) over `[lo, ..)`.
+    fn row_writes(
+        &self,
+        row: u64,
+        parts: &[Part],
+        lo: u64,
+        p: Vec<u8>,
+        q: Option<Vec<u8>>,
+    ) -> Vec<(usize, u64, Bytes)> {
         let mut writes: Vec<(usize, u64, Bytes)> =
             parts.iter().map(|part| (self.data_member(row, part.k), part.at, part.data.clone())).collect();
         writes.push((self.p_member(row), lo, Bytes::from(p)));
         if let (Some(qm), Some(q)) = (self.q_member(row), q) {
             writes.push((qm, lo, Bytes::from(q)));
         }
-        self.write_members(row, writes, durability).await
+        writes
     }
 
-    /// Reads old data and parity and computes the new parity from the difference. Returns
-    /// `None` if a member failed on the way (the caller falls back to reconstruct-write).
+    /// Reads old data and parity and computes the new parity, `(P, Q)` over `[lo, lo + len)`,
+    /// from the difference. Returns `None` if a member failed on the way (the caller falls
+    /// back to reconstruct-write).
     async fn read_modify_write(
         &self,
         row: u64,
         parts: &[Part],
         lo: u64,
         len: u64,
-    ) -> Result<Option<Vec<(usize, u64, Bytes)>>, IoError> {
+    ) -> Result<Option<(Vec<u8>, Option<Vec<u8>>)>, IoError> {
         let base = row * self.chunk;
         let mut targets: Vec<(usize, u64, u64)> =
             parts.iter().map(|p| (self.data_member(row, p.k), p.at, p.data.len() as u64)).collect();
@@ -296,13 +309,7 @@ impl Parity {
                 gf::mul_xor_into(&mut q[at..at + delta.len()], &delta, gf::pow2(part.k));
             }
         }
-        let mut writes: Vec<(usize, u64, Bytes)> =
-            parts.iter().map(|part| (self.data_member(row, part.k), part.at, part.data.clone())).collect();
-        writes.push((self.p_member(row), lo, Bytes::from(p)));
-        if let (Some(qm), Some(q)) = (self.q_member(row), q) {
-            writes.push((qm, lo, Bytes::from(q)));
-        }
-        Ok(Some(writes))
+        Ok(Some((p, q)))
     }
 
     /// Issues chunk writes `(member, offset in chunk, data)` to healthy members.
