@@ -29,6 +29,8 @@ pub enum OpFilter {
     Writes,
     /// Flushes only.
     Flushes,
+    /// Discards only.
+    Discards,
 }
 
 impl OpFilter {
@@ -38,6 +40,7 @@ impl OpFilter {
             OpFilter::Reads => op == IoOp::Read,
             OpFilter::Writes => matches!(op, IoOp::Write | IoOp::Discard | IoOp::WriteZeroes),
             OpFilter::Flushes => op == IoOp::Flush,
+            OpFilter::Discards => op == IoOp::Discard,
         }
     }
 }

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use strata_block::{BlockIo, CrashPlan, Durability, FileDevice, FileOptions, MemDevice};
+use strata_block::{
+    BlockIo, CrashPlan, Durability, FaultAction, FaultPlan, FaultRule, FaultyDevice, FileDevice, FileOptions,
+    MemDevice, OpFilter,
+};
 use strata_pool::label::{LABEL_SIZE, Label};
 use strata_pool::{Pool, PoolError, PoolOptions, scan_dir};
 use strata_volume::{Layout, Role, VolumeRequest, VolumeState};
@@ -84,6 +87,29 @@ async fn deleting_a_volume_is_durable_and_frees_its_space() {
     let (pool, _) = reopen(&devices).await;
     assert!(pool.volume("a").is_none());
     assert_eq!(free(&pool).await, before);
+}
+
+#[tokio::test]
+async fn a_new_volume_reads_as_zeroes_where_a_deleted_one_wrote() {
+    // Devices that ignore discards: deleting a volume leaves its data behind.
+    let pool = Pool::create(options()).unwrap();
+    for i in 0..2 {
+        let mem = MemDevice::new(format!("m{i}"), 32 * MIB, 4096);
+        let plan =
+            FaultPlan { seed: 0, rules: vec![FaultRule::always(OpFilter::Discards, FaultAction::Error)] };
+        pool.claim(&format!("m{i}"), FaultyDevice::new(format!("f{i}"), mem, plan), None).await.unwrap();
+    }
+    for layout in [Layout::Linear, Layout::Stripe, Layout::Mirror] {
+        let old = pool.create_volume("old", VolumeRequest::new(8 * MIB, layout)).await.unwrap();
+        old.io().write(0, Bytes::from(vec![0xee; 8 << 20]), Durability::Fua).await.unwrap();
+        drop(old);
+        pool.delete_volume("old").await.unwrap();
+        let new = pool.create_volume("new", VolumeRequest::new(8 * MIB, layout)).await.unwrap();
+        let back = new.io().read(0, 8 * MIB).await.unwrap();
+        assert!(back.iter().all(|&b| b == 0), "{layout}: a new volume shows old data");
+        drop(new);
+        pool.delete_volume("new").await.unwrap();
+    }
 }
 
 #[tokio::test]

@@ -239,9 +239,9 @@ impl Tree {
         Ok(Self { spec, size, root, redundant: builder.redundant, missing: builder.missing })
     }
 
-    /// Builds a tree on newly allocated space and writes its clean bitmaps. The data of a
-    /// new volume is whatever the extents held: members of a mirror or parity set agree
-    /// once every block has been written, so hosts must not read before writing.
+    /// Builds a tree on newly allocated space, zeroes it, and writes its clean bitmaps: a
+    /// new volume reads as zeroes (never as a deleted volume's data), and the copies and
+    /// parity of its mirror and parity nodes agree from the start.
     pub async fn create(spec: NodeSpec, size: u64, lookup: DeviceLookup<'_>) -> Result<Self, TreeError> {
         let tree = Self::build(spec, size, lookup)?;
         tree.zero_fill().await?;
@@ -263,11 +263,10 @@ impl Tree {
         Ok(tree)
     }
 
-    /// Zeroes the new tree through its nodes so every copy and every parity agrees.
+    /// Zeroes the new tree through its nodes, so every copy and every parity agrees. Whole
+    /// rows and legs become one `write_zeroes` per device range, which files and block
+    /// devices do without writing data.
     async fn zero_fill(&self) -> Result<(), IoError> {
-        if self.redundant.is_empty() {
-            return Ok(());
-        }
         let size = self.root.geometry().size_bytes;
         let step = 64 << 20;
         let mut at = 0;
