@@ -20,6 +20,7 @@ use strata_testkit::{PoolShape, TestPool, check_redundancy, pattern, request};
 use strata_volume::Layout;
 
 const BLOCK: u64 = 4096;
+const BLOCK_BYTES: usize = 4096;
 const VOLUME: u64 = 1 << 20;
 const TASKS: u64 = 4;
 
@@ -32,7 +33,7 @@ struct Model {
 
 impl Model {
     fn wrote(&mut self, block: u64, completed: u64, data: Vec<u8>, fua: bool) {
-        let versions = self.blocks.entry(block).or_insert_with(|| vec![(0, vec![0; BLOCK as usize])]);
+        let versions = self.blocks.entry(block).or_insert_with(|| vec![(0, vec![0; BLOCK_BYTES])]);
         if fua {
             versions.clear();
         }
@@ -52,7 +53,7 @@ impl Model {
     fn check(&self, image: &[u8]) -> Result<(), String> {
         for (block, versions) in &self.blocks {
             let start = usize::try_from(block * BLOCK).unwrap();
-            let got = &image[start..start + BLOCK as usize];
+            let got = &image[start..start + BLOCK_BYTES];
             if !versions.iter().any(|(_, v)| v == got) {
                 return Err(format!("block {block} holds something no write left there"));
             }
@@ -82,7 +83,7 @@ async fn run(layout: Layout, seed: u64) {
                     continue;
                 }
                 let block = rng.random_range(0..VOLUME / BLOCK / TASKS) * TASKS + t;
-                let data = pattern(rng.random(), block * BLOCK, BLOCK as usize);
+                let data = pattern(rng.random(), block * BLOCK, BLOCK_BYTES);
                 let fua = rng.random_bool(0.2);
                 let durability = if fua { Durability::Fua } else { Durability::Cached };
                 io.write(block * BLOCK, Bytes::from(data.clone()), durability).await.unwrap();
