@@ -1,23 +1,21 @@
 //! Mirror (RAID 1): every leg holds the whole node. Reads are spread over the healthy legs
-//! by address and fall over to the next leg on error; writes go to every healthy leg and succeed
-//! while one leg takes them. A leg that fails is recorded in the write-intent bitmap, so
-//! when it comes back only the regions written meanwhile are copied to it.
+//! by address and fall over to the next leg on error; writes go to every healthy leg and
+//! succeed while one leg takes them. A leg that fails is recorded in the write-intent
+//! bitmap, so when it comes back only the regions written meanwhile are copied to it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, join_all};
+use futures::future::join_all;
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 
 use super::bitmap::Bitmap;
+use super::members::Members;
 use crate::tree::{NodeHealth, Redundant};
 
 pub(crate) struct Mirror {
-    legs: Vec<Arc<dyn BlockIo>>,
-    failed: Vec<AtomicBool>,
-    bitmap: Bitmap,
+    legs: Members,
     geometry: Geometry,
 }
 
@@ -35,13 +33,9 @@ impl Mirror {
     ) -> Self {
         let size_bytes = legs.iter().map(|l| l.geometry().size_bytes).min().unwrap_or(0);
         let block_size = legs.iter().map(|l| l.geometry().block_size).max().unwrap_or(512);
-        let failed = legs.iter().map(|_| AtomicBool::new(false)).collect();
-        Self {
-            legs,
-            failed,
-            bitmap: Bitmap::new(size_bytes, bitmap_region, bitmap_copies),
-            geometry: Geometry { block_size, size_bytes },
-        }
+        let bitmap = Bitmap::new(size_bytes, bitmap_region, bitmap_copies);
+        let tolerance = legs.len() - 1;
+        Self { legs: Members::new(legs, bitmap, tolerance), geometry: Geometry { block_size, size_bytes } }
     }
 
     /// The leg that serves reads of `offset` while it is healthy: spans of 1 MiB take turns
@@ -51,48 +45,23 @@ impl Mirror {
         usize::try_from((offset >> READ_SPAN_SHIFT) % self.legs.len() as u64).expect("leg index")
     }
 
-    fn is_failed(&self, leg: usize) -> bool {
-        self.failed[leg].load(Ordering::Relaxed)
-    }
-
-    fn failed_count(&self) -> usize {
-        (0..self.legs.len()).filter(|&i| self.is_failed(i)).count()
-    }
-
-    /// Takes a leg out of service after a device error. Boxed: a rare path that would
-    /// otherwise make every read's future as large as a bitmap update.
-    fn fail_leg<'a>(&'a self, leg: usize, error: &'a IoError) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            if !self.failed[leg].swap(true, Ordering::SeqCst) {
-                tracing::warn!(leg, %error, "mirror leg failed; continuing degraded");
-            }
-            if let Err(e) = self.bitmap.mark_failed(1 << leg).await {
-                tracing::error!(leg, error = %e, "cannot record the failed leg in the bitmap");
-            }
-        })
-    }
-
-    fn too_many(&self, op: IoOp, offset: u64) -> IoError {
-        IoError::TooManyFailures { op, offset, failed: self.failed_count(), children: self.legs.len() }
-    }
-
     /// Runs `op` on every healthy leg; fails legs that error; succeeds if one leg did.
     async fn on_all_legs<'a, F, Fut>(&'a self, op: IoOp, offset: u64, f: F) -> Result<(), IoError>
     where
         F: Fn(&'a Arc<dyn BlockIo>) -> Fut,
         Fut: std::future::Future<Output = Result<(), IoError>>,
     {
-        let healthy: Vec<usize> = (0..self.legs.len()).filter(|&i| !self.is_failed(i)).collect();
-        let results = join_all(healthy.iter().map(|&i| f(&self.legs[i]))).await;
+        let healthy = self.legs.live();
+        let results = join_all(healthy.iter().map(|&i| f(self.legs.get(i)))).await;
         let mut ok = 0;
         for (&leg, result) in healthy.iter().zip(results) {
             match result {
                 Ok(()) => ok += 1,
                 Err(e) if e.is_request_error() => return Err(e),
-                Err(e) => self.fail_leg(leg, &e).await,
+                Err(e) => self.legs.fail(leg, &e).await,
             }
         }
-        if ok == 0 { Err(self.too_many(op, offset)) } else { Ok(()) }
+        if ok == 0 { Err(self.legs.too_many(op, offset)) } else { Ok(()) }
     }
 
     async fn copy_region(
@@ -105,9 +74,9 @@ impl Mirror {
         let mut at = start;
         while at < end {
             let n = RESYNC_PIECE.min(end - at);
-            let data = self.legs[source].read(at, n).await?;
+            let data = self.legs.get(source).read(at, n).await?;
             for &t in targets {
-                self.legs[t].write(at, data.clone(), Durability::Cached).await?;
+                self.legs.get(t).write(at, data.clone(), Durability::Cached).await?;
             }
             at += n;
         }
@@ -127,16 +96,16 @@ impl BlockIo for Mirror {
         let start = self.preferred_leg(offset);
         for k in 0..n {
             let leg = (start + k) % n;
-            if self.is_failed(leg) {
+            if self.legs.is_failed(leg) {
                 continue;
             }
-            match self.legs[leg].read(offset, len).await {
+            match self.legs.get(leg).read(offset, len).await {
                 Ok(data) => return Ok(data),
                 Err(e) if e.is_request_error() => return Err(e),
-                Err(e) => self.fail_leg(leg, &e).await,
+                Err(e) => self.legs.fail(leg, &e).await,
             }
         }
-        Err(self.too_many(IoOp::Read, offset))
+        Err(self.legs.too_many(IoOp::Read, offset))
     }
 
     async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
@@ -147,41 +116,41 @@ impl BlockIo for Mirror {
         let mut buf = Some(buf);
         for k in 0..n {
             let leg = (start + k) % n;
-            if self.is_failed(leg) {
+            if self.legs.is_failed(leg) {
                 continue;
             }
             // A failed read consumed the buffer: retry into a fresh one.
             let into = buf.take().unwrap_or_else(|| BytesMut::zeroed(len));
-            match self.legs[leg].read_into(offset, into).await {
+            match self.legs.get(leg).read_into(offset, into).await {
                 Ok(data) => return Ok(data),
                 Err(e) if e.is_request_error() => return Err(e),
-                Err(e) => self.fail_leg(leg, &e).await,
+                Err(e) => self.legs.fail(leg, &e).await,
             }
         }
-        Err(self.too_many(IoOp::Read, offset))
+        Err(self.legs.too_many(IoOp::Read, offset))
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
         self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
-        let _guard = self.bitmap.start_write(offset, data.len() as u64).await?;
+        let _guard = self.legs.bitmap.start_write(offset, data.len() as u64).await?;
         self.on_all_legs(IoOp::Write, offset, |leg| leg.write(offset, data.clone(), durability)).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        let mark = self.bitmap.flush_mark();
+        let mark = self.legs.bitmap.flush_mark();
         self.on_all_legs(IoOp::Flush, 0, |leg| leg.flush()).await?;
-        self.bitmap.after_flush(mark).await
+        self.legs.bitmap.after_flush(mark).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::Discard, offset, len)?;
-        let _guard = self.bitmap.start_write(offset, len).await?;
+        let _guard = self.legs.bitmap.start_write(offset, len).await?;
         self.on_all_legs(IoOp::Discard, offset, |leg| leg.discard(offset, len)).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::WriteZeroes, offset, len)?;
-        let _guard = self.bitmap.start_write(offset, len).await?;
+        let _guard = self.legs.bitmap.start_write(offset, len).await?;
         self.on_all_legs(IoOp::WriteZeroes, offset, |leg| leg.write_zeroes(offset, len)).await
     }
 }
@@ -189,53 +158,38 @@ impl BlockIo for Mirror {
 #[async_trait]
 impl Redundant for Mirror {
     async fn initialize(&self) -> Result<(), IoError> {
-        self.bitmap.initialize().await
+        self.legs.bitmap.initialize().await
     }
 
     async fn recover(&self) -> Result<usize, IoError> {
-        let loaded = self.bitmap.load().await;
-        let bs = u64::from(self.geometry.block_size);
-        let mut present = Vec::new();
-        for leg in &self.legs {
-            present.push(leg.read(0, bs).await.is_ok());
-        }
+        let loaded = self.legs.bitmap.load().await;
+        let missing = self.legs.probe(u64::from(self.geometry.block_size)).await;
+        let present = |i: usize| missing & (1 << i) == 0;
         let stale = |i: usize| loaded.failed_mask & (1 << i) != 0;
-        let mut sources: Vec<usize> = (0..self.legs.len()).filter(|&i| present[i] && !stale(i)).collect();
-        if sources.is_empty() {
-            // Every present leg missed writes: the best left is any of them.
-            tracing::error!("no mirror leg is known to be current; resyncing from the first present leg");
-            sources = (0..self.legs.len()).filter(|&i| present[i]).take(1).collect();
-        }
-        let Some(&source) = sources.first() else {
-            return Err(self.too_many(IoOp::Read, 0));
+        let legs = 0..self.legs.len();
+        let source = match legs.clone().find(|&i| present(i) && !stale(i)) {
+            Some(leg) => leg,
+            None => {
+                // Every present leg missed writes: the best left is any of them.
+                tracing::error!("no mirror leg is known to be current; resyncing from the first present leg");
+                legs.clone().find(|&i| present(i)).ok_or_else(|| self.legs.too_many(IoOp::Read, 0))?
+            }
         };
-        let targets: Vec<usize> = (0..self.legs.len()).filter(|&i| present[i] && i != source).collect();
-        let region = self.bitmap.region_size();
+        let targets: Vec<usize> = legs.filter(|&i| present(i) && i != source).collect();
+        let region = self.legs.bitmap.region_size();
         for r in &loaded.dirty {
             let start = *r as u64 * region;
             let end = (start + region).min(self.geometry.size_bytes);
             self.copy_region(source, &targets, start, end).await?;
         }
         for &t in targets.iter().chain([&source]) {
-            self.legs[t].flush().await?;
+            self.legs.get(t).flush().await?;
         }
-        let mut missing = 0u64;
-        for (i, &here) in present.iter().enumerate() {
-            if !here {
-                self.failed[i].store(true, Ordering::SeqCst);
-                missing |= 1 << i;
-            }
-        }
-        self.bitmap.resynced(missing).await?;
+        self.legs.bitmap.resynced(missing).await?;
         Ok(loaded.dirty.len())
     }
 
     fn health(&self) -> NodeHealth {
-        NodeHealth {
-            members: self.legs.len(),
-            failed: (0..self.legs.len()).filter(|&i| self.is_failed(i)).collect(),
-            tolerance: self.legs.len() - 1,
-            dirty_regions: self.bitmap.dirty_regions(),
-        }
+        self.legs.health()
     }
 }

@@ -4,6 +4,7 @@ pub(crate) mod bitmap;
 pub(crate) mod concat;
 pub(crate) mod extent;
 pub(crate) mod gf;
+pub(crate) mod members;
 pub(crate) mod mirror;
 pub(crate) mod parity;
 pub(crate) mod split;

@@ -16,7 +16,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -25,6 +24,7 @@ use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 use tokio::sync::Mutex;
 
 use super::bitmap::Bitmap;
+use super::members::Members;
 use super::{Piece, gf, pieces, read_parts, to_usize};
 use crate::spec::ParityLevel;
 use crate::tree::{NodeHealth, Redundant};
@@ -32,12 +32,10 @@ use crate::tree::{NodeHealth, Redundant};
 const ROW_LOCKS: usize = 1024;
 
 pub(crate) struct Parity {
-    members: Vec<Arc<dyn BlockIo>>,
-    failed: Vec<AtomicBool>,
+    members: Members,
     parity: usize,
     data_width: usize,
     chunk: u64,
-    bitmap: Bitmap,
     row_locks: Vec<Mutex<()>>,
     geometry: Geometry,
 }
@@ -68,12 +66,10 @@ impl Parity {
         let block_size = members.iter().map(|m| m.geometry().block_size).max().unwrap_or(512);
         let size_bytes = member_size * data_width as u64;
         Self {
-            failed: members.iter().map(|_| AtomicBool::new(false)).collect(),
-            members,
+            members: Members::new(members, Bitmap::new(size_bytes, bitmap_region, bitmap_copies), parity),
             parity,
             data_width,
             chunk,
-            bitmap: Bitmap::new(size_bytes, bitmap_region, bitmap_copies),
             row_locks: (0..ROW_LOCKS).map(|_| Mutex::new(())).collect(),
             geometry: Geometry { block_size, size_bytes },
         }
@@ -95,39 +91,6 @@ impl Parity {
         (self.p_member(row) + self.parity + k) % self.n()
     }
 
-    fn is_failed(&self, m: usize) -> bool {
-        self.failed[m].load(Ordering::Relaxed)
-    }
-
-    fn failed_count(&self) -> usize {
-        (0..self.n()).filter(|&m| self.is_failed(m)).count()
-    }
-
-    fn too_many(&self, op: IoOp, offset: u64) -> IoError {
-        IoError::TooManyFailures { op, offset, failed: self.failed_count(), children: self.n() }
-    }
-
-    async fn fail_member(&self, m: usize, error: &IoError) {
-        if !self.failed[m].swap(true, Ordering::SeqCst) {
-            tracing::warn!(member = m, %error, "parity member failed; continuing degraded");
-        }
-        if let Err(e) = self.bitmap.mark_failed(1 << m).await {
-            tracing::error!(member = m, error = %e, "cannot record the failed member in the bitmap");
-        }
-    }
-
-    /// After a device error: fails the member, or passes a request error through. Boxed:
-    /// a rare path kept out of the futures of every read and write.
-    fn absorb(&self, m: usize, error: IoError) -> BoxFuture<'_, Result<(), IoError>> {
-        Box::pin(async move {
-            if error.is_request_error() {
-                return Err(error);
-            }
-            self.fail_member(m, &error).await;
-            if self.failed_count() > self.parity { Err(self.too_many(IoOp::Write, 0)) } else { Ok(()) }
-        })
-    }
-
     fn lock(&self, row: u64) -> &Mutex<()> {
         &self.row_locks[to_usize(row % ROW_LOCKS as u64)]
     }
@@ -135,13 +98,13 @@ impl Parity {
     /// Reads `[lo, lo + len)` of the row from every healthy member not in `skip`.
     async fn read_row(&self, row: u64, lo: u64, len: u64, skip: &[bool]) -> Result<RowBuffers, IoError> {
         let base = row * self.chunk + lo;
-        let wanted: Vec<usize> = (0..self.n()).filter(|&m| !skip[m] && !self.is_failed(m)).collect();
-        let reads = join_all(wanted.iter().map(|&m| self.members[m].read(base, len))).await;
+        let wanted: Vec<usize> = (0..self.n()).filter(|&m| !skip[m] && !self.members.is_failed(m)).collect();
+        let reads = join_all(wanted.iter().map(|&m| self.members.get(m).read(base, len))).await;
         let mut bufs: RowBuffers = vec![None; self.n()];
         for (&m, read) in wanted.iter().zip(reads) {
             match read {
                 Ok(data) => bufs[m] = Some(data.to_vec()),
-                Err(e) => self.absorb(m, e).await?,
+                Err(e) => self.members.absorb(m, e).await?,
             }
         }
         Ok(bufs)
@@ -169,10 +132,10 @@ impl Parity {
     async fn read_piece(&self, row: u64, k: usize, at: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
         let len = buf.len() as u64;
         let m = self.data_member(row, k);
-        if !self.is_failed(m) {
-            match self.members[m].read_into(row * self.chunk + at, buf).await {
+        if !self.members.is_failed(m) {
+            match self.members.get(m).read_into(row * self.chunk + at, buf).await {
                 Ok(data) => return Ok(data),
-                Err(e) => self.absorb(m, e).await?,
+                Err(e) => self.members.absorb(m, e).await?,
             }
         }
         self.rebuild_piece(row, m, at, len).await
@@ -190,7 +153,7 @@ impl Parity {
             let _row = self.lock(row).lock().await;
             let mut bufs = self.read_row(row, at, len, &vec![false; self.n()]).await?;
             if !self.solve(row, &mut bufs, len) {
-                return Err(self.too_many(IoOp::Read, row));
+                return Err(self.members.too_many(IoOp::Read, row));
             }
             Ok(BytesMut::from(&bufs[m].take().expect("solved")[..]))
         })
@@ -211,7 +174,7 @@ impl Parity {
         let full: Vec<bool> = (0..self.data_width)
             .map(|k| parts.iter().any(|p| p.k == k && p.at == lo && p.data.len() as u64 == len))
             .collect();
-        let healthy = self.failed_count() == 0;
+        let healthy = self.members.failed_count() == 0;
         let rmw_reads = parts.len() + self.parity;
         let rcw_reads = full.iter().filter(|f| !**f).count();
         if healthy
@@ -237,7 +200,7 @@ impl Parity {
                 bufs = self.read_row(row, lo, len, &vec![false; self.n()]).await?;
             }
             if !self.solve(row, &mut bufs, len) {
-                return Err(self.too_many(IoOp::Write, row * self.chunk));
+                return Err(self.members.too_many(IoOp::Write, row * self.chunk));
             }
         }
         let mut data: Vec<Vec<u8>> = (0..self.data_width)
@@ -287,13 +250,13 @@ impl Parity {
         if let Some(q) = self.q_member(row) {
             targets.push((q, lo, len));
         }
-        let reads = join_all(targets.iter().map(|&(m, at, n)| self.members[m].read(base + at, n))).await;
+        let reads = join_all(targets.iter().map(|&(m, at, n)| self.members.get(m).read(base + at, n))).await;
         let mut old = Vec::with_capacity(reads.len());
         for (&(m, _, _), read) in targets.iter().zip(reads) {
             match read {
                 Ok(data) => old.push(data),
                 Err(e) => {
-                    self.absorb(m, e).await?;
+                    self.members.absorb(m, e).await?;
                     return Ok(None);
                 }
             }
@@ -320,14 +283,16 @@ impl Parity {
         durability: Durability,
     ) -> Result<(), IoError> {
         let base = row * self.chunk;
-        let writes: Vec<_> = writes.into_iter().filter(|(m, _, _)| !self.is_failed(*m)).collect();
+        let writes: Vec<_> = writes.into_iter().filter(|(m, _, _)| !self.members.is_failed(*m)).collect();
         let results = join_all(
-            writes.iter().map(|(m, at, data)| self.members[*m].write(base + at, data.clone(), durability)),
+            writes
+                .iter()
+                .map(|(m, at, data)| self.members.get(*m).write(base + at, data.clone(), durability)),
         )
         .await;
         for ((m, _, _), result) in writes.iter().zip(results) {
             if let Err(e) = result {
-                self.absorb(*m, e).await?;
+                self.members.absorb(*m, e).await?;
             }
         }
         Ok(())
@@ -355,7 +320,7 @@ impl Parity {
     /// at either end are written as zeroes through the parity path.
     async fn zero_range(&self, op: IoOp, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(op, offset, len)?;
-        let _guard = self.bitmap.start_write(offset, len).await?;
+        let _guard = self.members.bitmap.start_write(offset, len).await?;
         let row_bytes = self.chunk * self.data_width as u64;
         let end = offset + len;
         let first_full = offset.div_ceil(row_bytes);
@@ -376,15 +341,15 @@ impl Parity {
         if first_full < end_full {
             let _rows = self.lock_rows(first_full, end_full).await;
             let (base, n) = (first_full * self.chunk, (end_full - first_full) * self.chunk);
-            let live: Vec<usize> = (0..self.n()).filter(|&m| !self.is_failed(m)).collect();
+            let live = self.members.live();
             let results = join_all(live.iter().map(|&m| match op {
-                IoOp::Discard => self.members[m].discard(base, n),
-                _ => self.members[m].write_zeroes(base, n),
+                IoOp::Discard => self.members.get(m).discard(base, n),
+                _ => self.members.get(m).write_zeroes(base, n),
             }))
             .await;
             for (&m, result) in live.iter().zip(results) {
                 if let Err(e) = result {
-                    self.absorb(m, e).await?;
+                    self.members.absorb(m, e).await?;
                 }
             }
         }
@@ -420,11 +385,11 @@ impl Parity {
         rebuild.iter().for_each(|&m| skip[m] = true);
         let mut bufs = self.read_row(row, 0, self.chunk, &skip).await?;
         if !self.solve(row, &mut bufs, self.chunk) {
-            return Err(self.too_many(IoOp::Read, row * self.chunk));
+            return Err(self.members.too_many(IoOp::Read, row * self.chunk));
         }
         let writes = rebuild
             .iter()
-            .filter(|&&m| !self.is_failed(m))
+            .filter(|&&m| !self.members.is_failed(m))
             .map(|&m| (m, 0, Bytes::from(bufs[m].take().expect("solved"))))
             .collect();
         self.write_members(row, writes, Durability::Cached).await
@@ -457,7 +422,7 @@ impl BlockIo for Parity {
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
         self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
-        let _guard = self.bitmap.start_write(offset, data.len() as u64).await?;
+        let _guard = self.members.bitmap.start_write(offset, data.len() as u64).await?;
         try_join_all(
             self.rows(offset, &data).into_iter().map(|(row, parts)| self.write_row(row, parts, durability)),
         )
@@ -466,15 +431,15 @@ impl BlockIo for Parity {
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        let mark = self.bitmap.flush_mark();
-        let live: Vec<usize> = (0..self.n()).filter(|&m| !self.is_failed(m)).collect();
-        let results = join_all(live.iter().map(|&m| self.members[m].flush())).await;
+        let mark = self.members.bitmap.flush_mark();
+        let live = self.members.live();
+        let results = join_all(live.iter().map(|&m| self.members.get(m).flush())).await;
         for (&m, result) in live.iter().zip(results) {
             if let Err(e) = result {
-                self.absorb(m, e).await?;
+                self.members.absorb(m, e).await?;
             }
         }
-        self.bitmap.after_flush(mark).await
+        self.members.bitmap.after_flush(mark).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
@@ -489,30 +454,23 @@ impl BlockIo for Parity {
 #[async_trait]
 impl Redundant for Parity {
     async fn initialize(&self) -> Result<(), IoError> {
-        self.bitmap.initialize().await
+        self.members.bitmap.initialize().await
     }
 
     async fn recover(&self) -> Result<usize, IoError> {
-        let loaded = self.bitmap.load().await;
-        let bs = u64::from(self.geometry.block_size);
-        let mut missing = 0u64;
-        for (m, member) in self.members.iter().enumerate() {
-            if member.read(0, bs).await.is_err() {
-                self.failed[m].store(true, Ordering::SeqCst);
-                missing |= 1 << m;
-            }
-        }
+        let loaded = self.members.bitmap.load().await;
+        let missing = self.members.probe(u64::from(self.geometry.block_size)).await;
         let stale: Vec<usize> = (0..self.n())
             .filter(|&m| loaded.failed_mask & (1 << m) != 0 && missing & (1 << m) == 0)
             .collect();
         if missing != 0 && stale.is_empty() {
             // Degraded: parity cannot be checked without the missing member. The bits stay
             // set until it returns.
-            self.bitmap.resynced(missing).await?;
+            self.members.bitmap.resynced(missing).await?;
             return Ok(0);
         }
         let row_bytes = self.chunk * self.data_width as u64;
-        let region = self.bitmap.region_size();
+        let region = self.members.bitmap.region_size();
         let mut rows = BTreeSet::new();
         for r in &loaded.dirty {
             let start = *r as u64 * region;
@@ -522,21 +480,14 @@ impl Redundant for Parity {
         for &row in &rows {
             self.resync_row(row, &stale).await?;
         }
-        for (m, member) in self.members.iter().enumerate() {
-            if missing & (1 << m) == 0 {
-                member.flush().await?;
-            }
+        for m in (0..self.n()).filter(|m| missing & (1 << m) == 0) {
+            self.members.get(m).flush().await?;
         }
-        self.bitmap.resynced(missing).await?;
+        self.members.bitmap.resynced(missing).await?;
         Ok(loaded.dirty.len())
     }
 
     fn health(&self) -> NodeHealth {
-        NodeHealth {
-            members: self.n(),
-            failed: (0..self.n()).filter(|&m| self.is_failed(m)).collect(),
-            tolerance: self.parity,
-            dirty_regions: self.bitmap.dirty_regions(),
-        }
+        self.members.health()
     }
 }
