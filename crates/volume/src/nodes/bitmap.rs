@@ -11,8 +11,9 @@
 //!                                        ▼                         ▼
 //!                                   write members ◀────────────────┘ ─▶ inflight[r] -= 1
 //!   flush:     mark = seq ─▶ flush members ─▶ (io lock) clear r if inflight[r] == 0,
-//!                                              last write to r began before the previous
-//!                                              flush, and no member has failed ─▶ persist
+//!                                              the last write to r completed before this
+//!                                              flush and the previous one were issued, and
+//!                                              no member has failed ─▶ persist
 //! ```
 //!
 //! Clearing lingers one flush so a hot region is not set and cleared on every flush.
@@ -62,8 +63,13 @@ struct State {
     /// Bits known to be on stable storage. Only changed while holding the io lock.
     durable: Vec<u64>,
     inflight: Vec<u32>,
-    last_start: Vec<u64>,
+    /// Sequence number at which the last write to each region completed.
+    last_end: Vec<u64>,
+    /// Members known to have failed: no bit is cleared while there is one.
     failed_mask: u64,
+    /// The part of `failed_mask` that is on stable storage.
+    recorded_mask: u64,
+    /// Mark of the newest flush whose members have been flushed.
     previous_flush: u64,
 }
 
@@ -81,9 +87,11 @@ pub(crate) struct WriteGuard<'a> {
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
+        let end = self.bitmap.seq.fetch_add(1, Ordering::SeqCst);
         let mut state = self.bitmap.state.lock();
         for r in self.first..=self.last {
             state.inflight[r] -= 1;
+            state.last_end[r] = end;
         }
     }
 }
@@ -115,8 +123,9 @@ impl Bitmap {
             state: Mutex::new(State {
                 durable: vec![0; regions.div_ceil(64)],
                 inflight: vec![0; regions],
-                last_start: vec![0; regions],
+                last_end: vec![0; regions],
                 failed_mask: 0,
+                recorded_mask: 0,
                 previous_flush: 0,
             }),
             io: tokio::sync::Mutex::new(IoState { generation: 0, copy_ok }),
@@ -184,6 +193,7 @@ impl Bitmap {
         let mut state = self.state.lock();
         state.durable = bits;
         state.failed_mask = 0;
+        state.recorded_mask = 0;
         Ok(())
     }
 
@@ -212,6 +222,7 @@ impl Bitmap {
                 let dirty = (0..self.regions).filter(|&r| bit(&bits, r)).collect();
                 state.durable = bits;
                 state.failed_mask = failed_mask;
+                state.recorded_mask = failed_mask;
                 Loaded { dirty, failed_mask, readable: true }
             }
             None => {
@@ -254,12 +265,10 @@ impl Bitmap {
     /// Marks `[offset, offset + len)` as being written; the bits are durable on return.
     pub(crate) async fn start_write(&self, offset: u64, len: u64) -> Result<WriteGuard<'_>, IoError> {
         let (first, last) = self.region_span(offset, len);
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let covered = {
             let mut state = self.state.lock();
             for r in first..=last {
                 state.inflight[r] += 1;
-                state.last_start[r] = seq;
             }
             (first..=last).all(|r| bit(&state.durable, r))
         };
@@ -285,19 +294,21 @@ impl Bitmap {
         self.seq.fetch_add(1, Ordering::SeqCst)
     }
 
-    /// After the members were flushed: clears regions that have been quiet since the
-    /// flush before this one, unless a member has failed.
+    /// After the members were flushed: clears the regions whose writes all completed before
+    /// this flush was issued (so it made them durable) and before the previous one (so a
+    /// busy region is not set and cleared on every flush), unless a member has failed.
     pub(crate) async fn after_flush(&self, mark: u64) -> Result<(), IoError> {
         let mut io = self.io.lock().await;
         let (bits, failed) = {
             let mut state = self.state.lock();
-            let linger = std::mem::replace(&mut state.previous_flush, mark);
+            let bound = mark.min(state.previous_flush);
+            state.previous_flush = state.previous_flush.max(mark);
             if state.failed_mask != 0 {
                 return Ok(());
             }
             let mut bits = state.durable.clone();
             for r in 0..self.regions {
-                if bit(&bits, r) && state.inflight[r] == 0 && state.last_start[r] < linger {
+                if bit(&bits, r) && state.inflight[r] == 0 && state.last_end[r] < bound {
                     set(&mut bits, r, false);
                 }
             }
@@ -312,18 +323,22 @@ impl Bitmap {
         self.persist(&mut io, &bits, failed).await
     }
 
-    /// Records that `members` have failed; their regions stay dirty until they are back.
+    /// Records on stable storage that `members` have failed; their regions stay dirty
+    /// until they are back. Returns once the record is durable (at once if it already is).
     pub(crate) async fn mark_failed(&self, members: u64) -> Result<(), IoError> {
         let mut io = self.io.lock().await;
         let (bits, failed) = {
             let mut state = self.state.lock();
-            if state.failed_mask & members == members {
+            // From now on no bit is cleared, whether or not the record below succeeds.
+            state.failed_mask |= members;
+            if state.recorded_mask & members == members {
                 return Ok(());
             }
-            state.failed_mask |= members;
             (state.durable.clone(), state.failed_mask)
         };
-        self.persist(&mut io, &bits, failed).await
+        self.persist(&mut io, &bits, failed).await?;
+        self.state.lock().recorded_mask |= failed;
+        Ok(())
     }
 
     /// After a resync that brought every member up to date: clean bits, `failed_mask` as
@@ -333,6 +348,7 @@ impl Bitmap {
         let bits = {
             let mut state = self.state.lock();
             state.failed_mask = failed_mask;
+            state.recorded_mask = failed_mask;
             if failed_mask == 0 {
                 state.durable.iter_mut().for_each(|w| *w = 0);
             }

@@ -52,17 +52,19 @@ impl Members {
         IoError::TooManyFailures { op, offset, failed: self.failed_count(), children: self.len() }
     }
 
-    /// Takes member `i` out of service after a device error and records it in the bitmap.
-    /// Boxed: a rare path that would otherwise make every request's future as large as a
-    /// bitmap update.
-    pub(crate) fn fail<'a>(&'a self, i: usize, error: &'a IoError) -> BoxFuture<'a, ()> {
+    /// Takes member `i` out of service after a device error. The failure is recorded in
+    /// the bitmap *before* the member is skipped by other requests, so no write that skips
+    /// it is acknowledged while a crash could still forget that it missed writes. Errs if
+    /// the record cannot be written; the request at hand must then fail. Boxed: a rare path
+    /// that would otherwise make every request's future as large as a bitmap update.
+    pub(crate) fn fail<'a>(&'a self, i: usize, error: &'a IoError) -> BoxFuture<'a, Result<(), IoError>> {
         Box::pin(async move {
+            let recorded = self.bitmap.mark_failed(1 << i).await;
             if !self.failed[i].swap(true, Ordering::SeqCst) {
                 tracing::warn!(member = i, %error, "member failed; continuing degraded");
             }
-            if let Err(e) = self.bitmap.mark_failed(1 << i).await {
-                tracing::error!(member = i, error = %e, "cannot record the failed member in the bitmap");
-            }
+            recorded
+                .inspect_err(|e| tracing::error!(member = i, error = %e, "cannot record the failed member"))
         })
     }
 
@@ -72,7 +74,7 @@ impl Members {
         if error.is_request_error() {
             return Err(error);
         }
-        self.fail(i, &error).await;
+        self.fail(i, &error).await?;
         if self.failed_count() > self.tolerance { Err(self.too_many(IoOp::Write, 0)) } else { Ok(()) }
     }
 

@@ -58,7 +58,7 @@ impl Mirror {
             match result {
                 Ok(()) => ok += 1,
                 Err(e) if e.is_request_error() => return Err(e),
-                Err(e) => self.legs.fail(leg, &e).await,
+                Err(e) => self.legs.fail(leg, &e).await?,
             }
         }
         if ok == 0 { Err(self.legs.too_many(op, offset)) } else { Ok(()) }
@@ -102,7 +102,8 @@ impl BlockIo for Mirror {
             match self.legs.get(leg).read(offset, len).await {
                 Ok(data) => return Ok(data),
                 Err(e) if e.is_request_error() => return Err(e),
-                Err(e) => self.legs.fail(leg, &e).await,
+                // A read can go on to the next leg even if the failure was not recorded.
+                Err(e) => drop(self.legs.fail(leg, &e).await),
             }
         }
         Err(self.legs.too_many(IoOp::Read, offset))
@@ -124,7 +125,7 @@ impl BlockIo for Mirror {
             match self.legs.get(leg).read_into(offset, into).await {
                 Ok(data) => return Ok(data),
                 Err(e) if e.is_request_error() => return Err(e),
-                Err(e) => self.legs.fail(leg, &e).await,
+                Err(e) => drop(self.legs.fail(leg, &e).await),
             }
         }
         Err(self.legs.too_many(IoOp::Read, offset))
