@@ -28,6 +28,9 @@ use tokio::sync::Semaphore;
 
 use crate::{BlockIo, Durability, Geometry, IoError, IoOp};
 
+/// Bytes of zeroes written at a time where the file system cannot zero a range itself.
+const ZERO_CHUNK: usize = 1 << 20;
+
 /// How to open a file device.
 #[derive(Clone, Debug)]
 pub struct FileOptions {
@@ -186,15 +189,24 @@ impl FileDevice {
         }
     }
 
-    /// A buffer of `len` bytes whose start is aligned to the block size (for `O_DIRECT`).
-    fn aligned_buffer(&self, len: usize) -> BytesMut {
-        let align = usize::try_from(self.geometry.block_size).expect("fits usize");
-        let mut buf = BytesMut::zeroed(len + align);
-        let skip = buf.as_ptr().align_offset(align);
-        let mut aligned = buf.split_off(skip);
-        aligned.truncate(len);
-        aligned
+    /// Memory alignment of buffers for this device: the block size.
+    fn alignment(&self) -> usize {
+        usize::try_from(self.geometry.block_size).expect("fits usize")
     }
+
+    /// A zeroed buffer of `len` bytes whose start is aligned to the block size (for `O_DIRECT`).
+    fn aligned_buffer(&self, len: usize) -> BytesMut {
+        aligned_zeroes(len, self.alignment())
+    }
+}
+
+/// A zeroed buffer of `len` bytes starting at a multiple of `align`.
+fn aligned_zeroes(len: usize, align: usize) -> BytesMut {
+    let mut buf = BytesMut::zeroed(len + align);
+    let skip = buf.as_ptr().align_offset(align);
+    let mut aligned = buf.split_off(skip);
+    aligned.truncate(len);
+    aligned
 }
 
 fn write_all_at(file: &File, mut data: &[u8], mut offset: u64, durability: Durability) -> io::Result<()> {
@@ -221,9 +233,10 @@ fn write_all_at(file: &File, mut data: &[u8], mut offset: u64, durability: Durab
     Ok(())
 }
 
-/// Zeroes a range with the first of `modes` the file system supports, or by writing
-/// zeroes when it supports none (tmpfs, for one, cannot `ZERO_RANGE` but can punch holes).
-fn zero_range(file: &File, modes: &[FallocateFlags], offset: u64, len: u64) -> io::Result<()> {
+/// Zeroes a range with the first of `modes` the file system supports, or by writing zeroes
+/// (from a buffer aligned to `align`, for `O_DIRECT`) when it supports none (tmpfs, for one,
+/// cannot `ZERO_RANGE` but can punch holes).
+fn zero_range(file: &File, modes: &[FallocateFlags], offset: u64, len: u64, align: usize) -> io::Result<()> {
     for &mode in modes {
         match fallocate(file, mode | FallocateFlags::KEEP_SIZE, offset, len) {
             Ok(()) => return Ok(()),
@@ -231,11 +244,11 @@ fn zero_range(file: &File, modes: &[FallocateFlags], offset: u64, len: u64) -> i
             Err(e) => return Err(e.into()),
         }
     }
-    let chunk = vec![0u8; 1 << 20];
+    let zeroes = aligned_zeroes(ZERO_CHUNK, align);
     let mut at = offset;
     while at < offset + len {
-        let n = (offset + len - at).min(chunk.len() as u64);
-        file.write_all_at(&chunk[..usize::try_from(n).expect("≤ 1 MiB")], at)?;
+        let n = (offset + len - at).min(zeroes.len() as u64);
+        file.write_all_at(&zeroes[..usize::try_from(n).expect("≤ buffer length")], at)?;
         at += n;
     }
     Ok(())
@@ -257,8 +270,7 @@ impl BlockIo for FileDevice {
     async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
         let len = buf.len() as u64;
         self.geometry.check(IoOp::Read, offset, len)?;
-        let align = usize::try_from(self.geometry.block_size).expect("fits usize");
-        if self.direct && buf.as_ptr().align_offset(align) != 0 {
+        if self.direct && buf.as_ptr().align_offset(self.alignment()) != 0 {
             // O_DIRECT needs an aligned buffer: read into one and copy.
             let mut out = buf;
             let bounce = self.read_into(offset, self.aligned_buffer(out.len())).await?;
@@ -281,7 +293,7 @@ impl BlockIo for FileDevice {
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
         let len = data.len() as u64;
         self.geometry.check(IoOp::Write, offset, len)?;
-        let data = if self.direct && data.as_ptr().align_offset(self.geometry.block_size as usize) != 0 {
+        let data = if self.direct && data.as_ptr().align_offset(self.alignment()) != 0 {
             let mut bounce = self.aligned_buffer(data.len());
             bounce.copy_from_slice(&data);
             bounce.freeze()
@@ -306,16 +318,18 @@ impl BlockIo for FileDevice {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::Discard, offset, len)?;
+        let align = self.alignment();
         self.run(IoOp::Discard, offset, len, move |file| {
-            zero_range(file, &[FallocateFlags::PUNCH_HOLE], offset, len)
+            zero_range(file, &[FallocateFlags::PUNCH_HOLE], offset, len, align)
         })
         .await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::WriteZeroes, offset, len)?;
+        let align = self.alignment();
         self.run(IoOp::WriteZeroes, offset, len, move |file| {
-            zero_range(file, &[FallocateFlags::ZERO_RANGE, FallocateFlags::PUNCH_HOLE], offset, len)
+            zero_range(file, &[FallocateFlags::ZERO_RANGE, FallocateFlags::PUNCH_HOLE], offset, len, align)
         })
         .await
     }

@@ -85,6 +85,10 @@ impl Geometry {
 ///   where the backend can. Both are as durable as a cached write.
 /// - **Errors.** A failed write leaves its range undefined (old, new or a mix per block);
 ///   a failed read returns no data. An error never means "partially done, go on".
+/// - **Completion.** A caller drives every write, discard and write-zeroes future to
+///   completion (a frontend spawns it rather than dropping it when a client goes away).
+///   Dropping one early leaves its range undefined and, in a mirror or parity node, may
+///   release its write-intent region while device IO is still landing.
 #[async_trait]
 pub trait BlockIo: Send + Sync + 'static {
     /// Size and block size. Constant for the life of the object.

@@ -45,12 +45,12 @@ impl DeviceSpace {
         if offset < self.data_offset || length == 0 {
             return false;
         }
+        let Some(end) = (offset - self.data_offset).checked_add(length) else { return false };
         let first = (offset - self.data_offset) / extent;
-        let end = (offset - self.data_offset + length).div_ceil(extent);
-        let (Ok(first), Ok(end)) = (usize::try_from(first), usize::try_from(end)) else {
+        let (Ok(first), Ok(end)) = (usize::try_from(first), usize::try_from(end.div_ceil(extent))) else {
             return false;
         };
-        if end > self.used.len() || self.used[first..end].iter().any(|u| *u) {
+        if first >= end || end > self.used.len() || self.used[first..end].iter().any(|u| *u) {
             return false;
         }
         self.used[first..end].iter_mut().for_each(|u| *u = true);
@@ -159,7 +159,7 @@ impl Allocator for Planner {
                 parameter,
                 needed: legs,
                 available: chosen.len(),
-                leg_bytes: need as u64 * self.extent,
+                leg_bytes: (need as u64).saturating_mul(self.extent),
                 domains: if tagged { " in different fault domains" } else { "" },
             });
         }

@@ -275,11 +275,12 @@ impl VolumeRequest {
     pub fn plan(&self, alloc: &mut dyn Allocator) -> Result<NodeSpec, LayoutError> {
         let Shape { layout, copies, width, chunk } = self.shape(alloc.block_size(), alloc.device_count())?;
         let size = self.size;
-        let bs = u64::from(alloc.block_size());
         let width_n = width as usize;
+        // Bytes per leg, such that `data_width` legs hold the whole size.
         let per_leg = |data_width: u64| -> Result<u64, LayoutError> {
-            let row = chunk * data_width;
-            size.div_ceil(row).checked_mul(chunk).ok_or(LayoutError::TooLarge(size))
+            let row = chunk.checked_mul(data_width).ok_or(LayoutError::TooLarge(size))?;
+            let leg = size.div_ceil(row).checked_mul(chunk).ok_or(LayoutError::TooLarge(size))?;
+            leg.checked_mul(data_width).map(|_| leg).ok_or(LayoutError::TooLarge(size))
         };
         Ok(match layout {
             Layout::Linear => alloc.allocate_linear(size)?,
@@ -288,11 +289,11 @@ impl VolumeRequest {
                 let legs = alloc.allocate_set(layout, "width", width_n, leg, 0)?;
                 NodeSpec::Stripe { chunk, children: legs.into_iter().map(|l| l.data).collect() }
             }
-            Layout::Mirror => mirror(alloc, layout, copies as usize, size, bs)?,
+            Layout::Mirror => mirror(alloc, layout, copies as usize, size)?,
             Layout::Raid10 => {
                 let leg = per_leg(u64::from(width))?;
                 let children = (0..width)
-                    .map(|_| mirror(alloc, layout, copies as usize, leg, bs))
+                    .map(|_| mirror(alloc, layout, copies as usize, leg))
                     .collect::<Result<_, _>>()?;
                 NodeSpec::Stripe { chunk, children }
             }
@@ -301,7 +302,7 @@ impl VolumeRequest {
                 let data_width = if level == ParityLevel::Single { width - 1 } else { width - 2 };
                 let leg = per_leg(u64::from(data_width))?;
                 let region = region_size(leg * u64::from(data_width));
-                let bitmap_size = bitmap_bytes(leg * u64::from(data_width), region, bs);
+                let bitmap_size = bitmap_bytes(leg * u64::from(data_width), region);
                 let legs = alloc.allocate_set(layout, "width", width_n, leg, bitmap_size)?;
                 let (children, copies) = split_legs(legs);
                 NodeSpec::Parity {
@@ -320,10 +321,9 @@ fn mirror(
     layout: Layout,
     copies: usize,
     size: u64,
-    bs: u64,
 ) -> Result<NodeSpec, LayoutError> {
     let region = region_size(size);
-    let legs = alloc.allocate_set(layout, "copies", copies, size, bitmap_bytes(size, region, bs))?;
+    let legs = alloc.allocate_set(layout, "copies", copies, size, bitmap_bytes(size, region))?;
     let (children, copies) = split_legs(legs);
     Ok(NodeSpec::Mirror { children, bitmap: BitmapSpec { region_size: region, copies } })
 }
@@ -337,10 +337,11 @@ pub fn region_size(size: u64) -> u64 {
     size.div_ceil(MAX_REGIONS).next_power_of_two().max(MIN_REGION)
 }
 
-/// Bytes an encoded bitmap of a `size`-byte node takes, rounded up to the block size.
-pub fn bitmap_bytes(size: u64, region: u64, block_size: u64) -> u64 {
+/// Bytes an encoded bitmap of a `size`-byte node takes: a multiple of 4 KiB, which every
+/// supported block size divides.
+pub fn bitmap_bytes(size: u64, region: u64) -> u64 {
     let regions = size.div_ceil(region);
-    (BITMAP_HEADER as u64 + regions.div_ceil(8)).div_ceil(block_size) * block_size
+    (BITMAP_HEADER as u64 + regions.div_ceil(8)).div_ceil(4096) * 4096
 }
 
 #[cfg(test)]

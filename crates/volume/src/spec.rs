@@ -86,14 +86,14 @@ impl NodeSpec {
     pub fn size(&self) -> u64 {
         match self {
             NodeSpec::Extent { length, .. } => *length,
-            NodeSpec::Concat { children } => children.iter().map(NodeSpec::size).sum(),
+            NodeSpec::Concat { children } => children.iter().map(NodeSpec::size).fold(0, u64::saturating_add),
             NodeSpec::Stripe { children, .. } => {
-                children.iter().map(NodeSpec::size).min().unwrap_or(0) * children.len() as u64
+                children.iter().map(NodeSpec::size).min().unwrap_or(0).saturating_mul(children.len() as u64)
             }
             NodeSpec::Mirror { children, .. } => children.iter().map(NodeSpec::size).min().unwrap_or(0),
             NodeSpec::Parity { level, children, .. } => {
                 let data = children.len().saturating_sub(level.parity_members()) as u64;
-                children.iter().map(NodeSpec::size).min().unwrap_or(0) * data
+                children.iter().map(NodeSpec::size).min().unwrap_or(0).saturating_mul(data)
             }
         }
     }

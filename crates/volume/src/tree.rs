@@ -145,7 +145,7 @@ impl Builder<'_> {
                 check_members("stripe", children, 2, Some(*chunk))?;
                 let children = self.children(children)?;
                 let child_size = children.iter().map(|c| c.geometry().size_bytes).min().unwrap_or(0);
-                let size = child_size / chunk * chunk * children.len() as u64;
+                let size = (child_size / chunk * chunk).saturating_mul(children.len() as u64);
                 Arc::new(Split::new(StripeMap::new(*chunk, children.len()), children, size))
             }
             NodeSpec::Mirror { children, bitmap } => {

@@ -20,7 +20,8 @@
 //! While a member is failed no bit is cleared, and the failed members are recorded in the
 //! bitmap: when a member comes back, the set bits are exactly what it missed.
 //!
-//! Encoded copy (little-endian), padded to the block size:
+//! Encoded copy (little-endian), padded to a multiple of 4 KiB (whatever the devices' block
+//! sizes, so the length does not change when a device is missing):
 //! `magic "STRATAWB" | version u32 | 0 u32 | generation u64 | region_size u64 |
 //!  regions u64 | failed_mask u64 | crc32c u32 | 0 [12] | bits`, the CRC covering the
 //! whole encoding with the CRC field zeroed.
@@ -32,7 +33,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use strata_block::{BlockIo, Durability, IoError, IoOp};
 
-use crate::layout::BITMAP_HEADER;
+use crate::layout::{BITMAP_HEADER, bitmap_bytes};
 
 const MAGIC: &[u8; 8] = b"STRATAWB";
 const VERSION: u32 = 1;
@@ -111,8 +112,7 @@ fn set(bits: &mut [u64], r: usize, on: bool) {
 impl Bitmap {
     pub(crate) fn new(node_size: u64, region_size: u64, copies: Vec<Arc<dyn BlockIo>>) -> Self {
         let regions = usize::try_from(node_size.div_ceil(region_size)).expect("region count fits usize");
-        let block = copies.iter().map(|c| u64::from(c.geometry().block_size)).max().unwrap_or(512);
-        let encoded_len = (BITMAP_HEADER as u64 + (regions as u64).div_ceil(8)).div_ceil(block) * block;
+        let encoded_len = bitmap_bytes(node_size, region_size);
         let copy_ok = vec![true; copies.len()];
         Self {
             region_size,
@@ -234,7 +234,7 @@ impl Bitmap {
 
     /// Writes an encoding of `bits` to every working copy; succeeds if one copy took it.
     async fn persist(&self, io: &mut IoState, bits: &[u64], failed_mask: u64) -> Result<(), IoError> {
-        io.generation += 1;
+        io.generation = io.generation.wrapping_add(1);
         let encoded = self.encode(io.generation, bits, failed_mask);
         let writes = self.copies.iter().zip(&io.copy_ok).map(|(copy, ok)| {
             let encoded = encoded.clone();

@@ -11,9 +11,10 @@ pub(crate) struct ConcatMap {
 impl ConcatMap {
     /// The map for children of the given sizes, in order.
     pub(crate) fn new(sizes: impl IntoIterator<Item = u64>) -> Self {
-        let mut starts = vec![0];
+        let mut starts: Vec<u64> = vec![0];
         for size in sizes {
-            starts.push(starts.last().expect("non-empty") + size);
+            let end = starts.last().copied().unwrap_or(0);
+            starts.push(end.saturating_add(size));
         }
         Self { starts }
     }

@@ -14,12 +14,11 @@
 //! from the rest of the row. The write-intent bitmap makes a crash cost a resync of the
 //! dirty rows only, which closes the RAID 5 write hole.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, join_all, try_join_all};
+use futures::future::{BoxFuture, join_all};
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 use tokio::sync::Mutex;
 
@@ -64,7 +63,7 @@ impl Parity {
         let data_width = members.len() - parity;
         let member_size = members.iter().map(|m| m.geometry().size_bytes).min().unwrap_or(0) / chunk * chunk;
         let block_size = members.iter().map(|m| m.geometry().block_size).max().unwrap_or(512);
-        let size_bytes = member_size * data_width as u64;
+        let size_bytes = member_size.saturating_mul(data_width as u64);
         Self {
             members: Members::new(members, Bitmap::new(size_bytes, bitmap_region, bitmap_copies), parity),
             parity,
@@ -423,11 +422,12 @@ impl BlockIo for Parity {
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
         self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
         let _guard = self.members.bitmap.start_write(offset, data.len() as u64).await?;
-        try_join_all(
-            self.rows(offset, &data).into_iter().map(|(row, parts)| self.write_row(row, parts, durability)),
-        )
-        .await?;
-        Ok(())
+        // Every row runs to completion even if another fails (see `Split::write`).
+        let rows = self.rows(offset, &data);
+        join_all(rows.into_iter().map(|(row, parts)| self.write_row(row, parts, durability)))
+            .await
+            .into_iter()
+            .collect()
     }
 
     async fn flush(&self) -> Result<(), IoError> {
@@ -466,19 +466,27 @@ impl Redundant for Parity {
         if missing != 0 && stale.is_empty() {
             // Degraded: parity cannot be checked without the missing member. The bits stay
             // set until it returns.
+            if !loaded.dirty.is_empty() {
+                tracing::error!(
+                    dirty = loaded.dirty.len(),
+                    "parity set was not shut down cleanly and a member is missing: rows written \
+                     at the crash may rebuild the missing member's data wrongly (write hole)"
+                );
+            }
             self.members.bitmap.resynced(missing).await?;
             return Ok(0);
         }
         let row_bytes = self.chunk * self.data_width as u64;
         let region = self.members.bitmap.region_size();
-        let mut rows = BTreeSet::new();
+        // Dirty regions come in ascending order; a row spanning two regions is done once.
+        let mut next_row = 0;
         for r in &loaded.dirty {
             let start = *r as u64 * region;
             let end = (start + region).min(self.geometry.size_bytes);
-            rows.extend(start / row_bytes..end.div_ceil(row_bytes));
-        }
-        for &row in &rows {
-            self.resync_row(row, &stale).await?;
+            for row in (start / row_bytes).max(next_row)..end.div_ceil(row_bytes) {
+                self.resync_row(row, &stale).await?;
+                next_row = row + 1;
+            }
         }
         for m in (0..self.n()).filter(|m| missing & (1 << m) == 0) {
             self.members.get(m).flush().await?;

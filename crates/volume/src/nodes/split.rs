@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures::future::try_join_all;
+use futures::future::join_all;
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 
 use super::{read_parts, to_usize};
@@ -60,12 +60,12 @@ impl<M: AddressMap> Split<M> {
         if len == 0 {
             return Ok(());
         }
-        try_join_all(self.map.zero_shares(offset, len).into_iter().map(|s| match op {
+        let results = join_all(self.map.zero_shares(offset, len).into_iter().map(|s| match op {
             IoOp::Discard => self.children[s.child].discard(s.offset, s.len),
             _ => self.children[s.child].write_zeroes(s.offset, s.len),
         }))
-        .await?;
-        Ok(())
+        .await;
+        results.into_iter().collect()
     }
 }
 
@@ -96,17 +96,18 @@ impl<M: AddressMap> BlockIo for Split<M> {
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
         let shares = self.shares(IoOp::Write, offset, data.len() as u64)?;
-        try_join_all(shares.iter().map(|s| {
+        // Every share runs to completion even if another fails: a write abandoned half-way
+        // would release its bitmap region while its IO still lands.
+        let results = join_all(shares.iter().map(|s| {
             let part = data.slice(to_usize(s.at)..to_usize(s.at + s.len));
             self.children[s.child].write(s.offset, part, durability)
         }))
-        .await?;
-        Ok(())
+        .await;
+        results.into_iter().collect()
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        try_join_all(self.children.iter().map(|c| c.flush())).await?;
-        Ok(())
+        join_all(self.children.iter().map(|c| c.flush())).await.into_iter().collect()
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
