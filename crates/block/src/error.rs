@@ -87,6 +87,9 @@ pub enum IoError {
         /// The device (path or name).
         device: String,
     },
+    /// The volume was closed (deleted or shut down) and takes no more requests.
+    #[error("The volume is closed")]
+    Closed,
     /// A redundant node lost more children than its redundancy covers.
     #[error("{op} at offset {offset}: {failed} of {children} legs failed, more than the redundancy covers")]
     TooManyFailures {

@@ -165,6 +165,8 @@ struct Found {
     label: Label,
     label_repair: Option<(u32, String)>,
     newest: Option<(u64, DeviceMetadata)>,
+    /// Which slot holds `newest`.
+    newest_slot: u64,
     bad_slots: Vec<String>,
 }
 
@@ -185,19 +187,29 @@ impl Pool {
                 }
                 LabelScan::Valid { label, repair } => {
                     let mut newest: Option<(u64, DeviceMetadata)> = None;
+                    let mut newest_slot = 1;
                     let mut bad_slots = Vec::new();
                     for index in 0..2 {
                         match read_slot(io.as_ref(), &label, index).await {
                             SlotRead::Valid(g, m) => {
                                 if newest.as_ref().is_none_or(|(n, _)| g > *n) {
                                     newest = Some((g, m));
+                                    newest_slot = index;
                                 }
                             }
                             SlotRead::Empty => {}
                             SlotRead::Bad(why) => bad_slots.push(format!("metadata slot {index}: {why}")),
                         }
                     }
-                    found.push(Found { name, io, label, label_repair: repair, newest, bad_slots });
+                    found.push(Found {
+                        name,
+                        io,
+                        label,
+                        label_repair: repair,
+                        newest,
+                        newest_slot,
+                        bad_slots,
+                    });
                 }
             }
         }
@@ -210,11 +222,22 @@ impl Pool {
         let (ours, others): (Vec<Found>, Vec<Found>) =
             found.into_iter().partition(|f| f.label.pool_id == pool_id);
         report.foreign.extend(others.into_iter().map(|f| (f.name, f.label.pool_id)));
-        let config: PoolConfig = ours
+        let attempted = ours.iter().filter_map(|f| f.newest.as_ref().map(|(g, _)| *g)).max().unwrap_or(0);
+        let Some(config) = ours
             .iter()
             .filter_map(|f| f.newest.as_ref().and_then(|(_, m)| m.config.clone()))
             .max_by_key(|c| c.generation)
-            .ok_or(PoolError::NoConfig { pool: pool_id, members: ours.len() })?;
+        else {
+            // Labelled, but no configuration anywhere: a claim into a new pool that was
+            // interrupted, or every replica lost. Nothing to build; say so and touch nothing.
+            let why = format!(
+                "labelled for pool {pool_id}, but none of its {} devices here carries its configuration; \
+                 wipe the first and last 4 KiB to reuse it",
+                ours.len()
+            );
+            report.damaged.extend(ours.into_iter().map(|f| (f.name, why.clone())));
+            return Ok((None, report));
+        };
 
         let mut members = BTreeMap::new();
         let mut rewrite = false;
@@ -225,10 +248,13 @@ impl Pool {
                 continue;
             }
             if let Some((copy, why)) = &f.label_repair {
-                write_copy(f.io.as_ref(), &f.label, *copy)
-                    .await
-                    .map_err(|source| PoolError::Io { device: f.name.clone(), source })?;
-                report.repaired.push(format!("{}: rewrote {why}", f.name));
+                match write_copy(f.io.as_ref(), &f.label, *copy).await {
+                    Ok(()) => report.repaired.push(format!("{}: rewrote {why}", f.name)),
+                    Err(e) => {
+                        tracing::error!(device = %f.name, error = %e, "cannot repair a label copy");
+                        report.repaired.push(format!("{}: {why}; the repair failed: {e}", f.name));
+                    }
+                }
             }
             for why in &f.bad_slots {
                 report.repaired.push(format!("{}: {why}; rewritten from the current configuration", f.name));
@@ -236,11 +262,13 @@ impl Pool {
             rewrite |=
                 !f.bad_slots.is_empty() || f.newest.as_ref().is_none_or(|(g, _)| *g != config.generation);
             report.members.push(f.name.clone());
-            members.insert(f.label.device_id, Member { name: f.name, io: f.io, label: f.label });
+            let member = Member { name: f.name, io: f.io, label: f.label, slot: f.newest_slot };
+            members.insert(member.label.device_id, member);
         }
         report.missing = config.devices.iter().map(|d| d.id).filter(|id| !members.contains_key(id)).collect();
         let slot_size = members.values().map(|m| m.label.slot_size).next().unwrap_or(1 << 20);
-        let mut state = State { config: config.clone(), members, cursor: config.volumes.len(), slot_size };
+        let mut state =
+            State { config: config.clone(), members, cursor: config.volumes.len(), slot_size, attempted };
         if rewrite {
             state.commit(config.clone()).await?;
         }

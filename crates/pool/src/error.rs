@@ -78,20 +78,20 @@ pub enum PoolError {
         /// Slot size.
         slot: u64,
     },
-    /// No config replica took the update.
-    #[error("No device accepted the new configuration; the change was not made. Check device health")]
-    CommitFailed,
+    /// Too few config replicas took the update.
+    #[error(
+        "Only {took} of {replicas} configuration replicas accepted the change, not a majority; \
+         the change was not made. Check device health"
+    )]
+    CommitFailed {
+        /// Replicas that took it.
+        took: usize,
+        /// Replicas written.
+        replicas: usize,
+    },
     /// The pool has no devices.
     #[error("The pool has no devices; add one with `strata device add`")]
     NoDevices,
-    /// Found devices, but no configuration on them.
-    #[error("Found {members} devices of pool {pool} but none carries a readable configuration")]
-    NoConfig {
-        /// The pool.
-        pool: Uuid,
-        /// Devices found.
-        members: usize,
-    },
     /// A volume tree could not be built or recovered.
     #[error("Volume '{name}' cannot be opened")]
     Volume {

@@ -45,6 +45,9 @@ pub(crate) struct Member {
     pub name: String,
     pub io: Arc<dyn BlockIo>,
     pub label: Label,
+    /// The metadata slot holding the newest valid generation; the next write goes to the
+    /// other one, so a torn or failed write never touches the last good copy.
+    pub slot: u64,
 }
 
 pub(crate) struct State {
@@ -52,6 +55,9 @@ pub(crate) struct State {
     pub members: BTreeMap<Uuid, Member>,
     pub cursor: usize,
     pub slot_size: u64,
+    /// Highest generation ever attempted: a generation is never reused, so two copies with
+    /// the same generation always hold the same configuration.
+    pub attempted: u64,
 }
 
 /// A volume being served.
@@ -210,13 +216,14 @@ impl State {
         |id| self.members.get(&id).map(|m| m.io.clone())
     }
 
-    /// Writes `config` (with its generation bumped) to every present member and adopts it.
-    /// Succeeds when at least one config replica took it.
+    /// Writes `config` under a new generation to every present member and adopts it once a
+    /// majority of the config replicas took it; otherwise the change is not made.
     pub(crate) async fn commit(&mut self, mut config: PoolConfig) -> Result<(), PoolError> {
         if self.members.is_empty() {
             return Err(PoolError::NoDevices);
         }
-        config.generation = self.config.generation.max(config.generation) + 1;
+        self.attempted = self.attempted.max(self.config.generation).max(config.generation) + 1;
+        config.generation = self.attempted;
         let previous = std::mem::replace(&mut self.config, config);
         let replicas = self.replicas();
         let generation = self.config.generation;
@@ -243,7 +250,7 @@ impl State {
                 self.config = previous;
                 return Err(PoolError::ConfigTooLarge { bytes: payload.len(), slot: self.slot_size });
             };
-            let at = member.label.metadata_offset + (generation % 2) * member.label.slot_size;
+            let at = member.label.metadata_offset + (1 - member.slot) * member.label.slot_size;
             let io = member.io.clone();
             let name = member.name.clone();
             writes
@@ -253,16 +260,17 @@ impl State {
         let mut replica_ok = 0;
         for (id, name, result) in results {
             match result {
-                Ok(()) if replicas.contains(&id) => replica_ok += 1,
-                Ok(()) => {}
-                Err(error) => {
-                    tracing::error!(device = %name, %error, "metadata update failed on a device")
+                Ok(()) => {
+                    let member = self.members.get_mut(&id).expect("written member");
+                    member.slot = 1 - member.slot;
+                    replica_ok += usize::from(replicas.contains(&id));
                 }
+                Err(error) => tracing::error!(device = %name, %error, "metadata update failed on a device"),
             }
         }
-        if replica_ok == 0 {
+        if replica_ok * 2 <= replicas.len() {
             self.config = previous;
-            return Err(PoolError::CommitFailed);
+            return Err(PoolError::CommitFailed { took: replica_ok, replicas: replicas.len() });
         }
         Ok(())
     }
@@ -292,7 +300,7 @@ impl Pool {
             volumes: Vec::new(),
         };
         Ok(Self::from_state(
-            State { config, members: BTreeMap::new(), cursor: 0, slot_size: options.slot_size },
+            State { config, members: BTreeMap::new(), cursor: 0, slot_size: options.slot_size, attempted: 0 },
             Vec::new(),
         ))
     }
@@ -328,6 +336,10 @@ impl Pool {
         let found = crate::discover::read_labels(io.as_ref()).await;
         match found {
             crate::discover::LabelScan::Blank => {}
+            // Labelled for this pool by a claim that never reached the configuration.
+            crate::discover::LabelScan::Valid { label, .. }
+                if label.pool_id == state.config.pool_id
+                    && !state.config.devices.iter().any(|d| d.id == label.device_id) => {}
             crate::discover::LabelScan::Valid { label, .. } => {
                 return Err(PoolError::AlreadyClaimed { device: name.to_string(), pool: label.pool_id });
             }
@@ -373,7 +385,8 @@ impl Pool {
         };
         let mut config = state.config.clone();
         config.devices.push(record);
-        state.members.insert(label.device_id, Member { name: name.to_string(), io, label: label.clone() });
+        let member = Member { name: name.to_string(), io, label: label.clone(), slot: 1 };
+        state.members.insert(label.device_id, member);
         if let Err(e) = state.commit(config).await {
             state.members.remove(&label.device_id);
             return Err(e);
@@ -406,10 +419,12 @@ impl Pool {
             }
             return Err(e);
         }
-        if let Some(member) = member {
-            crate::discover::wipe(member.io.as_ref(), &member.label)
-                .await
-                .map_err(|source| PoolError::Io { device: member.name, source })?;
+        // The release is recorded; a device whose labels cannot be wiped is merely reported
+        // as foreign by later scans.
+        if let Some(member) = member
+            && let Err(error) = crate::discover::wipe(member.io.as_ref(), &member.label).await
+        {
+            tracing::warn!(device = %member.name, %error, "released, but its labels could not be wiped");
         }
         Ok(())
     }
@@ -451,7 +466,12 @@ impl Pool {
         let mut config = state.config.clone();
         config.volumes.retain(|v| v.name != name);
         state.commit(config).await?;
-        self.volumes.write().remove(name);
+        // Anyone still holding the volume is refused from now on, and what is in flight
+        // finishes before the space is released.
+        let volume = self.volumes.write().remove(name);
+        if let Some(volume) = volume {
+            volume.tree.close().await;
+        }
         for (device, offset, length) in record.tree.extents() {
             if let Some(member) = state.members.get(&device)
                 && let Err(error) = member.io.discard(offset, length).await

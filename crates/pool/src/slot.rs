@@ -1,8 +1,10 @@
 //! The metadata area: two slots written alternately, so a torn write of one never loses
 //! the other.
 //!
-//! Generation `g` goes to slot `g % 2`. A reader takes the valid slot with the highest
-//! generation; if the newest write was torn, that is the previous generation. Each slot:
+//! A new generation goes to the slot that does not hold the device's newest valid one, so
+//! the last good copy is never overwritten; generations are never reused. A reader takes
+//! the valid slot with the highest generation; if the newest write was torn, that is the
+//! previous generation. Each slot:
 //!
 //! ```text
 //!   0  magic "STRATAMD"    8  format version u32   12 reserved u32 (0)

@@ -77,9 +77,11 @@ async fn free(pool: &Pool) -> u64 {
 async fn deleting_a_volume_is_durable_and_frees_its_space() {
     let (pool, devices) = pool_of(2).await;
     let before = free(&pool).await;
-    pool.create_volume("a", VolumeRequest::new(8 * MIB, Layout::Mirror)).await.unwrap();
+    let held = pool.create_volume("a", VolumeRequest::new(8 * MIB, Layout::Mirror)).await.unwrap().io();
     assert!(free(&pool).await < before);
     pool.delete_volume("a").await.unwrap();
+    let late = held.write(0, Bytes::from(vec![1; 4096]), Durability::Cached).await;
+    assert!(matches!(late, Err(strata_block::IoError::Closed)), "a deleted volume took a write: {late:?}");
     assert_eq!(free(&pool).await, before);
     assert!(matches!(pool.delete_volume("a").await, Err(PoolError::NoSuchVolume(_))));
     drop(pool);
@@ -110,6 +112,40 @@ async fn a_new_volume_reads_as_zeroes_where_a_deleted_one_wrote() {
         drop(new);
         pool.delete_volume("new").await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_change_that_a_majority_of_replicas_did_not_take_is_refused_and_superseded() {
+    let pool = Pool::create(options()).unwrap();
+    let mut faulty = Vec::new();
+    let mut memory = Vec::new();
+    for i in 0..3 {
+        let mem = MemDevice::new(format!("m{i}"), 32 * MIB, 4096);
+        let dev = FaultyDevice::new(format!("f{i}"), mem.clone(), FaultPlan::default());
+        pool.claim(&format!("m{i}"), dev.clone(), None).await.unwrap();
+        faulty.push(dev);
+        memory.push(mem);
+    }
+    // Two of the three replicas refuse metadata writes.
+    let metadata = (LABEL_SIZE, LABEL_SIZE + 2 * 64 * 1024);
+    let refuse = FaultPlan {
+        seed: 0,
+        rules: vec![FaultRule {
+            range: Some(metadata),
+            ..FaultRule::always(OpFilter::Writes, FaultAction::Error)
+        }],
+    };
+    faulty[0].set_plan(refuse.clone());
+    faulty[1].set_plan(refuse);
+    let err = pool.create_volume("lost", VolumeRequest::new(MIB, Layout::Linear)).await.unwrap_err();
+    assert!(matches!(err, PoolError::CommitFailed { took: 1, replicas: 3 }), "{err}");
+    assert!(pool.volume("lost").is_none());
+    faulty.iter().for_each(|f| f.set_plan(FaultPlan::default()));
+    pool.create_volume("kept", VolumeRequest::new(MIB, Layout::Linear)).await.unwrap();
+    drop(pool);
+    let (pool, _) = reopen(&memory).await;
+    assert!(pool.volume("kept").is_some());
+    assert!(pool.volume("lost").is_none(), "the refused change came back");
 }
 
 #[tokio::test]
@@ -192,7 +228,15 @@ async fn a_torn_newest_slot_falls_back_to_the_previous_generation_and_is_rewritt
     // Tear the newest slot on every device: only its first block landed.
     for dev in &devices {
         let label = label_of(dev.as_ref()).await;
-        let at = label.metadata_offset + (generation % 2) * label.slot_size;
+        let mut newest = None;
+        for index in 0..2 {
+            let at = label.metadata_offset + index * label.slot_size;
+            let header = dev.read(at, 4096).await.unwrap();
+            if strata_pool::slot::decode_header(&header).is_ok_and(|(g, _)| g == generation) {
+                newest = Some(at);
+            }
+        }
+        let at = newest.expect("the newest generation is on every device");
         dev.write(at + 4096, Bytes::from(vec![0; 4096]), Durability::Fua).await.unwrap();
     }
     let (pool, report) = reopen(&devices).await;

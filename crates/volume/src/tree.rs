@@ -2,11 +2,13 @@
 //! as one [`BlockIo`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
+use tokio::sync::Notify;
 
 use crate::nodes::bitmap::Bitmap;
 use crate::nodes::concat::ConcatMap;
@@ -86,6 +88,20 @@ pub struct Tree {
     root: Arc<dyn BlockIo>,
     redundant: Vec<Arc<dyn Redundant>>,
     missing: bool,
+    closed: AtomicBool,
+    active: AtomicUsize,
+    drained: Notify,
+}
+
+/// One request in progress on a tree; see [`Tree::close`].
+struct Active<'a>(&'a Tree);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.closed.load(Ordering::SeqCst) {
+            self.0.drained.notify_waiters();
+        }
+    }
 }
 
 /// Finds the live device for an id; `None` if it is not present.
@@ -236,7 +252,16 @@ impl Tree {
                 format!("size {size} does not fit the {}-byte tree", g.size_bytes),
             ));
         }
-        Ok(Self { spec, size, root, redundant: builder.redundant, missing: builder.missing })
+        Ok(Self {
+            spec,
+            size,
+            root,
+            redundant: builder.redundant,
+            missing: builder.missing,
+            closed: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            drained: Notify::new(),
+        })
     }
 
     /// Builds a tree on newly allocated space, zeroes it, and writes its clean bitmaps: a
@@ -276,6 +301,31 @@ impl Tree {
             at += n;
         }
         self.root.flush().await
+    }
+
+    /// Refuses new requests ([`IoError::Closed`]) and waits for those in flight: after
+    /// this, nothing holding the tree can touch its extents, which may then be reused.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    /// Admits a request unless the tree is closed.
+    fn begin(&self) -> Result<Active<'_>, IoError> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let active = Active(self);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(IoError::Closed);
+        }
+        Ok(active)
     }
 
     /// The description this tree was built from.
@@ -319,30 +369,36 @@ impl BlockIo for Tree {
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
+        let _active = self.begin()?;
         self.geometry().check(IoOp::Read, offset, len)?;
         self.root.read(offset, len).await
     }
 
     async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
+        let _active = self.begin()?;
         self.geometry().check(IoOp::Read, offset, buf.len() as u64)?;
         self.root.read_into(offset, buf).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
+        let _active = self.begin()?;
         self.geometry().check(IoOp::Write, offset, data.len() as u64)?;
         self.root.write(offset, data, durability).await
     }
 
     async fn flush(&self) -> Result<(), IoError> {
+        let _active = self.begin()?;
         self.root.flush().await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let _active = self.begin()?;
         self.geometry().check(IoOp::Discard, offset, len)?;
         self.root.discard(offset, len).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let _active = self.begin()?;
         self.geometry().check(IoOp::WriteZeroes, offset, len)?;
         self.root.write_zeroes(offset, len).await
     }
