@@ -288,16 +288,16 @@ impl Tree {
         Ok(tree)
     }
 
-    /// Zeroes the new tree through its nodes, so every copy and every parity agrees. Whole
-    /// rows and legs become one `write_zeroes` per device range, which files and block
-    /// devices do without writing data.
+    /// Zeroes the new tree through its nodes, so every copy and every parity agrees. It
+    /// discards (which reads as zeroes): whole rows and legs become one hole punched per
+    /// device range, so a thin file stays thin and nothing is written.
     async fn zero_fill(&self) -> Result<(), IoError> {
         let size = self.root.geometry().size_bytes;
         let step = 64 << 20;
         let mut at = 0;
         while at < size {
             let n = step.min(size - at);
-            self.root.write_zeroes(at, n).await?;
+            self.root.discard(at, n).await?;
             at += n;
         }
         self.root.flush().await
