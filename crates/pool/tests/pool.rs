@@ -93,19 +93,24 @@ async fn deleting_a_volume_is_durable_and_frees_its_space() {
 
 #[tokio::test]
 async fn a_new_volume_reads_as_zeroes_where_a_deleted_one_wrote() {
-    // Devices that ignore discards: deleting a volume leaves its data behind.
     let pool = Pool::create(options()).unwrap();
+    let mut devices = Vec::new();
     for i in 0..2 {
         let mem = MemDevice::new(format!("m{i}"), 32 * MIB, 4096);
-        let plan =
-            FaultPlan { seed: 0, rules: vec![FaultRule::always(OpFilter::Discards, FaultAction::Error)] };
-        pool.claim(&format!("m{i}"), FaultyDevice::new(format!("f{i}"), mem, plan), None).await.unwrap();
+        let dev = FaultyDevice::new(format!("f{i}"), mem, FaultPlan::default());
+        pool.claim(&format!("m{i}"), dev.clone(), None).await.unwrap();
+        devices.push(dev);
     }
+    let refuse_discards =
+        FaultPlan { seed: 0, rules: vec![FaultRule::always(OpFilter::Discards, FaultAction::Error)] };
     for layout in [Layout::Linear, Layout::Stripe, Layout::Mirror] {
         let old = pool.create_volume("old", VolumeRequest::new(8 * MIB, layout)).await.unwrap();
         old.io().write(0, Bytes::from(vec![0xee; 8 << 20]), Durability::Fua).await.unwrap();
         drop(old);
+        // The deletion cannot release the space, so the old data stays on the devices.
+        devices.iter().for_each(|d| d.set_plan(refuse_discards.clone()));
         pool.delete_volume("old").await.unwrap();
+        devices.iter().for_each(|d| d.set_plan(FaultPlan::default()));
         let new = pool.create_volume("new", VolumeRequest::new(8 * MIB, layout)).await.unwrap();
         let back = new.io().read(0, 8 * MIB).await.unwrap();
         assert!(back.iter().all(|&b| b == 0), "{layout}: a new volume shows old data");
