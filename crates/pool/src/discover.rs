@@ -223,10 +223,20 @@ impl Pool {
             found.into_iter().partition(|f| f.label.pool_id == pool_id);
         report.foreign.extend(others.into_iter().map(|f| (f.name, f.label.pool_id)));
         let attempted = ours.iter().filter_map(|f| f.newest.as_ref().map(|(g, _)| *g)).max().unwrap_or(0);
-        let Some(config) = ours
+        // The newest generation wins; should a generation ever carry two different
+        // configurations (a refused change on a device that was away when it was
+        // superseded), the one more devices carry wins, then a fixed order.
+        let candidates: Vec<PoolConfig> =
+            ours.iter().filter_map(|f| f.newest.as_ref().and_then(|(_, m)| m.config.clone())).collect();
+        let copies = |c: &PoolConfig| candidates.iter().filter(|other| *other == c).count();
+        let Some(config) = candidates
             .iter()
-            .filter_map(|f| f.newest.as_ref().and_then(|(_, m)| m.config.clone()))
-            .max_by_key(|c| c.generation)
+            .max_by(|a, b| {
+                (a.generation, copies(a))
+                    .cmp(&(b.generation, copies(b)))
+                    .then_with(|| serde_json::to_vec(a).ok().cmp(&serde_json::to_vec(b).ok()))
+            })
+            .cloned()
         else {
             // Labelled, but no configuration anywhere: a claim into a new pool that was
             // interrupted, or every replica lost. Nothing to build; say so and touch nothing.
@@ -269,8 +279,10 @@ impl Pool {
         let slot_size = members.values().map(|m| m.label.slot_size).next().unwrap_or(1 << 20);
         let mut state =
             State { config: config.clone(), members, cursor: config.volumes.len(), slot_size, attempted };
-        if rewrite {
-            state.commit(config.clone()).await?;
+        if rewrite && let Err(e) = state.commit(config.clone()).await {
+            // The configuration read is still the newest valid one: carry on with it.
+            tracing::error!(error = %e, "cannot rewrite lagging or torn metadata");
+            report.repaired.push(format!("rewriting lagging or torn metadata failed: {e}"));
         }
 
         let mut volumes = Vec::new();

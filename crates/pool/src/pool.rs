@@ -20,6 +20,9 @@ use crate::error::PoolError;
 use crate::label::{LABEL_SIZE, Label};
 use crate::slot;
 
+/// How long deleting a volume waits for its requests in flight.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How many devices carry the full configuration.
 pub const CONFIG_REPLICAS: usize = 6;
 
@@ -217,11 +220,28 @@ impl State {
     }
 
     /// Writes `config` under a new generation to every present member and adopts it once a
-    /// majority of the config replicas took it; otherwise the change is not made.
-    pub(crate) async fn commit(&mut self, mut config: PoolConfig) -> Result<(), PoolError> {
+    /// majority of the config replicas took it. Otherwise the change is not made: the
+    /// previous configuration is written again under a newer generation, so the refused
+    /// one does not come back at the next start from a device that did take it.
+    pub(crate) async fn commit(&mut self, config: PoolConfig) -> Result<(), PoolError> {
         if self.members.is_empty() {
             return Err(PoolError::NoDevices);
         }
+        let previous = self.config.clone();
+        let (took, replicas) = self.write_generation(config).await?;
+        if took * 2 <= replicas {
+            if let Err(e) = self.write_generation(previous.clone()).await {
+                tracing::error!(error = %e, "cannot write the previous configuration back");
+            }
+            self.config = previous;
+            return Err(PoolError::CommitFailed { took, replicas });
+        }
+        Ok(())
+    }
+
+    /// Writes `config` under a new generation to every present member and adopts it in
+    /// memory; returns how many config replicas took it, of how many.
+    async fn write_generation(&mut self, mut config: PoolConfig) -> Result<(usize, usize), PoolError> {
         self.attempted = self.attempted.max(self.config.generation).max(config.generation) + 1;
         config.generation = self.attempted;
         let previous = std::mem::replace(&mut self.config, config);
@@ -268,11 +288,7 @@ impl State {
                 Err(error) => tracing::error!(device = %name, %error, "metadata update failed on a device"),
             }
         }
-        if replica_ok * 2 <= replicas.len() {
-            self.config = previous;
-            return Err(PoolError::CommitFailed { took: replica_ok, replicas: replicas.len() });
-        }
-        Ok(())
+        Ok((replica_ok, replicas.len()))
     }
 }
 
@@ -469,8 +485,13 @@ impl Pool {
         // Anyone still holding the volume is refused from now on, and what is in flight
         // finishes before the space is released.
         let volume = self.volumes.write().remove(name);
-        if let Some(volume) = volume {
-            volume.tree.close().await;
+        if let Some(volume) = volume
+            && tokio::time::timeout(CLOSE_TIMEOUT, volume.tree.close()).await.is_err()
+        {
+            // Keep the space as it is rather than wait on a stuck device with the pool
+            // locked; a new volume on it is zeroed when it is made.
+            tracing::warn!(volume = %name, "requests in flight did not finish; space not released");
+            return Ok(());
         }
         for (device, offset, length) in record.tree.extents() {
             if let Some(member) = state.members.get(&device)

@@ -146,6 +146,10 @@ async fn a_change_that_a_majority_of_replicas_did_not_take_is_refused_and_supers
     assert!(matches!(err, PoolError::CommitFailed { took: 1, replicas: 3 }), "{err}");
     assert!(pool.volume("lost").is_none());
     faulty.iter().for_each(|f| f.set_plan(FaultPlan::default()));
+    drop(pool);
+    // The replica that took the refused generation was written back over at once.
+    let (pool, _) = reopen(&memory).await;
+    assert!(pool.volume("lost").is_none(), "the refused change came back at the next start");
     pool.create_volume("kept", VolumeRequest::new(MIB, Layout::Linear)).await.unwrap();
     drop(pool);
     let (pool, _) = reopen(&memory).await;

@@ -54,18 +54,26 @@ impl Members {
 
     /// Takes member `i` out of service after a device error. The failure is recorded in
     /// the bitmap *before* the member is skipped by other requests, so no write that skips
-    /// it is acknowledged while a crash could still forget that it missed writes. Errs if
-    /// the record cannot be written; the request at hand must then fail. Boxed: a rare path
+    /// it is acknowledged while a crash could still forget that it missed writes. If the
+    /// record cannot be written the member stays in service (every request that meets its
+    /// error tries again) and this errs: the request at hand must fail. Boxed: a rare path
     /// that would otherwise make every request's future as large as a bitmap update.
     pub(crate) fn fail<'a>(&'a self, i: usize, error: &'a IoError) -> BoxFuture<'a, Result<(), IoError>> {
         Box::pin(async move {
-            let recorded = self.bitmap.mark_failed(1 << i).await;
+            if let Err(e) = self.bitmap.mark_failed(1 << i).await {
+                tracing::error!(member = i, error = %e, "cannot record the failed member");
+                return Err(e);
+            }
             if !self.failed[i].swap(true, Ordering::SeqCst) {
                 tracing::warn!(member = i, %error, "member failed; continuing degraded");
             }
-            recorded
-                .inspect_err(|e| tracing::error!(member = i, error = %e, "cannot record the failed member"))
+            Ok(())
         })
+    }
+
+    /// Members out of service, as a mask.
+    pub(crate) fn failed_mask(&self) -> u64 {
+        (0..self.len()).filter(|&i| self.is_failed(i)).fold(0, |mask, i| mask | 1 << i)
     }
 
     /// After a device error on member `i`: passes a request error through, otherwise fails

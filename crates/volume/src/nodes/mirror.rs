@@ -186,7 +186,8 @@ impl Redundant for Mirror {
         for &t in targets.iter().chain([&source]) {
             self.legs.get(t).flush().await?;
         }
-        self.legs.bitmap.resynced(missing).await?;
+        // Legs that failed during the resync stay recorded as failed.
+        self.legs.bitmap.resynced(missing | self.legs.failed_mask()).await?;
         Ok(loaded.dirty.len())
     }
 

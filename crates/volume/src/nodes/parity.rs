@@ -491,7 +491,8 @@ impl Redundant for Parity {
         for m in (0..self.n()).filter(|m| missing & (1 << m) == 0) {
             self.members.get(m).flush().await?;
         }
-        self.members.bitmap.resynced(missing).await?;
+        // Members that failed during the resync stay recorded as failed.
+        self.members.bitmap.resynced(missing | self.members.failed_mask()).await?;
         Ok(loaded.dirty.len())
     }
 
