@@ -50,6 +50,13 @@ pub(crate) struct Loaded {
     pub readable: bool,
 }
 
+impl Loaded {
+    /// Nothing to resync and nothing failed: the node was shut down cleanly.
+    pub(crate) fn is_clean(&self) -> bool {
+        self.readable && self.dirty.is_empty() && self.failed_mask == 0
+    }
+}
+
 pub(crate) struct Bitmap {
     region_size: u64,
     regions: usize,

@@ -165,6 +165,9 @@ impl Redundant for Mirror {
     async fn recover(&self) -> Result<usize, IoError> {
         let loaded = self.legs.bitmap.load().await;
         let missing = self.legs.probe(u64::from(self.geometry.block_size)).await;
+        if loaded.is_clean() && missing == 0 {
+            return Ok(0);
+        }
         let present = |i: usize| missing & (1 << i) == 0;
         let stale = |i: usize| loaded.failed_mask & (1 << i) != 0;
         let legs = 0..self.legs.len();

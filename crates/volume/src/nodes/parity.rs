@@ -460,6 +460,9 @@ impl Redundant for Parity {
     async fn recover(&self) -> Result<usize, IoError> {
         let loaded = self.members.bitmap.load().await;
         let missing = self.members.probe(u64::from(self.geometry.block_size)).await;
+        if loaded.is_clean() && missing == 0 {
+            return Ok(0);
+        }
         let stale: Vec<usize> = (0..self.n())
             .filter(|&m| loaded.failed_mask & (1 << m) != 0 && missing & (1 << m) == 0)
             .collect();
