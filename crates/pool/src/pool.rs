@@ -407,7 +407,8 @@ impl Pool {
             state.members.remove(&label.device_id);
             return Err(e);
         }
-        Ok(device_info(&state, label.device_id))
+        let info = device_infos(&state).into_iter().find(|d| d.id == label.device_id);
+        Ok(info.expect("the device was just added"))
     }
 
     /// Takes a device out of the pool and wipes its labels, so it reads as unclaimed.
@@ -516,7 +517,7 @@ impl Pool {
     /// Every configured device.
     pub async fn devices(&self) -> Vec<DeviceInfo> {
         let state = self.state.lock().await;
-        state.config.devices.iter().map(|d| device_info(&state, d.id)).collect()
+        device_infos(&state)
     }
 
     /// Where byte `offset` of a volume lives, on every copy.
@@ -538,22 +539,35 @@ impl Pool {
     }
 }
 
-fn device_info(state: &State, id: Uuid) -> DeviceInfo {
-    let record = state.config.devices.iter().find(|d| d.id == id).expect("configured device");
+/// What listings show of every configured device, from one pass over the free space.
+fn device_infos(state: &State) -> Vec<DeviceInfo> {
     let planner = state.planner();
-    let free = planner
+    let replicas = state.replicas();
+    state
+        .config
         .devices
         .iter()
-        .find(|d| d.id == id)
-        .map_or(0, |d| d.free_extents() as u64 * state.config.extent_size);
-    DeviceInfo {
-        id,
-        name: state.members.get(&id).map_or_else(|| record.name.clone(), |m| m.name.clone()),
-        fault_domain: record.fault_domain.clone(),
-        size_bytes: record.size_bytes,
-        data_bytes: record.data_size,
-        free_bytes: free,
-        state: if state.members.contains_key(&id) { DeviceState::Online } else { DeviceState::Missing },
-        config_replica: state.replicas().contains(&id),
-    }
+        .map(|record| {
+            let id = record.id;
+            let free = planner
+                .devices
+                .iter()
+                .find(|d| d.id == id)
+                .map_or(0, |d| d.free_extents() as u64 * state.config.extent_size);
+            DeviceInfo {
+                id,
+                name: state.members.get(&id).map_or_else(|| record.name.clone(), |m| m.name.clone()),
+                fault_domain: record.fault_domain.clone(),
+                size_bytes: record.size_bytes,
+                data_bytes: record.data_size,
+                free_bytes: free,
+                state: if state.members.contains_key(&id) {
+                    DeviceState::Online
+                } else {
+                    DeviceState::Missing
+                },
+                config_replica: replicas.contains(&id),
+            }
+        })
+        .collect()
 }

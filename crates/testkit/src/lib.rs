@@ -305,16 +305,9 @@ impl TestPool {
 /// A volume request for `layout` with the given parameters and the layout's own defaults.
 pub fn request(layout: Layout, size: u64, width: u32, chunk: u64) -> VolumeRequest {
     let mut r = VolumeRequest::new(size, layout);
-    match layout {
-        Layout::Linear | Layout::Mirror => {}
-        Layout::Raid10 => {
-            r.width = Some(width);
-            r.chunk = Some(chunk);
-        }
-        _ => {
-            r.width = Some(width);
-            r.chunk = Some(chunk);
-        }
+    if !matches!(layout, Layout::Linear | Layout::Mirror) {
+        r.width = Some(width);
+        r.chunk = Some(chunk);
     }
     r
 }
@@ -378,7 +371,7 @@ pub async fn check_redundancy(
             Ok(())
         }
         NodeSpec::Parity { level, chunk, children, .. } => {
-            let members: Vec<Vec<u8>> = futures_join(children, devices).await;
+            let members: Vec<Vec<u8>> = read_members(children, devices).await;
             let n = members.len();
             let parity = level.parity_members();
             let chunk = usize::try_from(*chunk).expect("fits");
@@ -410,7 +403,8 @@ pub async fn check_redundancy(
     }
 }
 
-async fn futures_join(children: &[NodeSpec], devices: &BTreeMap<Uuid, Arc<dyn BlockIo>>) -> Vec<Vec<u8>> {
+/// Reads every member of a node straight from the devices, in member order.
+async fn read_members(children: &[NodeSpec], devices: &BTreeMap<Uuid, Arc<dyn BlockIo>>) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for c in children {
         out.push(read_leg(c, devices).await);

@@ -64,6 +64,26 @@ impl Mirror {
         if ok == 0 { Err(self.legs.too_many(op, offset)) } else { Ok(()) }
     }
 
+    /// Reads from the preferred healthy leg of `offset`, falling over to the next on a
+    /// device error (failing the leg that erred).
+    async fn read_any<'a, T, F, Fut>(&'a self, offset: u64, mut read: F) -> Result<T, IoError>
+    where
+        F: FnMut(&'a Arc<dyn BlockIo>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, IoError>>,
+    {
+        let n = self.legs.len();
+        let start = self.preferred_leg(offset);
+        for leg in (0..n).map(|k| (start + k) % n).filter(|&leg| !self.legs.is_failed(leg)) {
+            match read(self.legs.get(leg)).await {
+                Ok(data) => return Ok(data),
+                Err(e) if e.is_request_error() => return Err(e),
+                // A read can go on to the next leg even if the failure was not recorded.
+                Err(e) => drop(self.legs.fail(leg, &e).await),
+            }
+        }
+        Err(self.legs.too_many(IoOp::Read, offset))
+    }
+
     async fn copy_region(
         &self,
         source: usize,
@@ -92,43 +112,18 @@ impl BlockIo for Mirror {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, IoError> {
         self.geometry.check(IoOp::Read, offset, len)?;
-        let n = self.legs.len();
-        let start = self.preferred_leg(offset);
-        for k in 0..n {
-            let leg = (start + k) % n;
-            if self.legs.is_failed(leg) {
-                continue;
-            }
-            match self.legs.get(leg).read(offset, len).await {
-                Ok(data) => return Ok(data),
-                Err(e) if e.is_request_error() => return Err(e),
-                // A read can go on to the next leg even if the failure was not recorded.
-                Err(e) => drop(self.legs.fail(leg, &e).await),
-            }
-        }
-        Err(self.legs.too_many(IoOp::Read, offset))
+        self.read_any(offset, |leg| leg.read(offset, len)).await
     }
 
     async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, IoError> {
         let len = buf.len();
         self.geometry.check(IoOp::Read, offset, len as u64)?;
-        let n = self.legs.len();
-        let start = self.preferred_leg(offset);
         let mut buf = Some(buf);
-        for k in 0..n {
-            let leg = (start + k) % n;
-            if self.legs.is_failed(leg) {
-                continue;
-            }
-            // A failed read consumed the buffer: retry into a fresh one.
-            let into = buf.take().unwrap_or_else(|| BytesMut::zeroed(len));
-            match self.legs.get(leg).read_into(offset, into).await {
-                Ok(data) => return Ok(data),
-                Err(e) if e.is_request_error() => return Err(e),
-                Err(e) => drop(self.legs.fail(leg, &e).await),
-            }
-        }
-        Err(self.legs.too_many(IoOp::Read, offset))
+        // A failed read consumed the buffer: a retry reads into a fresh one.
+        self.read_any(offset, |leg| {
+            leg.read_into(offset, buf.take().unwrap_or_else(|| BytesMut::zeroed(len)))
+        })
+        .await
     }
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
