@@ -26,7 +26,7 @@ use rustix::fs::{FallocateFlags, fallocate, fdatasync};
 use rustix::io::{Errno, ReadWriteFlags, preadv2, pwritev2};
 use tokio::sync::Semaphore;
 
-use crate::{BlockIo, Durability, Geometry, IoError, IoOp};
+use crate::{BlockIo, Durability, Geometry, IoError, IoOp, Span};
 
 /// Bytes of zeroes written at a time where the file system cannot zero a range itself.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -60,6 +60,8 @@ pub struct FileDevice {
     slots: Semaphore,
     /// On tmpfs or ramfs: no request ever waits for a device.
     memory_backed: bool,
+    /// A block device: holes are not tracked, everything is data.
+    block_device: bool,
     /// Cleared when the file system refuses `RWF_NOWAIT` reads or writes.
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
@@ -104,6 +106,7 @@ impl FileDevice {
             direct: options.direct,
             slots: Semaphore::new(options.max_in_flight.max(1)),
             memory_backed: options.inline && memory_backed,
+            block_device: meta.file_type().is_block_device(),
             nowait_reads: AtomicBool::new(options.inline && !options.direct),
             nowait_writes: AtomicBool::new(options.inline && !options.direct),
         }))
@@ -333,6 +336,49 @@ impl BlockIo for FileDevice {
         })
         .await
     }
+
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Span>, IoError> {
+        self.geometry.check(IoOp::Read, offset, len)?;
+        if self.block_device {
+            return Ok(vec![Span { len, hole: false }]);
+        }
+        // SEEK_DATA / SEEK_HOLE touch only file-system metadata: cheap enough to run here.
+        file_allocation(&self.file, offset, len, u64::from(self.geometry.block_size))
+            .map_err(|e| self.os_error(IoOp::Read, offset, len, e))
+    }
+}
+
+/// Most spans one allocation query returns; the caller asks again for the rest.
+const MAX_SPANS: usize = 256;
+
+/// The holes and data of `[offset, offset + len)` of a regular file, with boundaries
+/// rounded to `block` (a boundary inside a block counts that block as data).
+fn file_allocation(file: &File, offset: u64, len: u64, block: u64) -> io::Result<Vec<Span>> {
+    use rustix::fs::{SeekFrom, seek};
+    let end = offset + len;
+    let mut spans: Vec<Span> = Vec::new();
+    let mut at = offset;
+    while at < end && spans.len() < MAX_SPANS {
+        let data = match seek(file, SeekFrom::Data(at)) {
+            Ok(p) => (p / block * block).clamp(at, end),
+            Err(Errno::NXIO) => end,
+            Err(e) => return Err(e.into()),
+        };
+        if data > at {
+            spans.push(Span { len: data - at, hole: true });
+            at = data;
+            continue;
+        }
+        let hole = match seek(file, SeekFrom::Hole(at)) {
+            Ok(p) => p.div_ceil(block) * block,
+            Err(Errno::NXIO) => end,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = hole.clamp(at + block, end);
+        spans.push(Span { len: hole - at, hole: false });
+        at = hole;
+    }
+    Ok(spans)
 }
 
 #[cfg(test)]
@@ -348,6 +394,28 @@ mod tests {
             let dev = FileDevice::create(dir.path().join("d"), 1 << 20, &FileOptions::default()).unwrap();
             assert_eq!(dev.is_memory_backed(), in_memory);
             round_trip(&dir).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn allocation_reports_holes_after_discard() {
+        for dir in [tempfile::tempdir().unwrap(), tempfile::tempdir_in("/dev/shm").unwrap()] {
+            let dev = FileDevice::create(dir.path().join("d"), 4 << 20, &FileOptions::default()).unwrap();
+            let mib = 1 << 20;
+            dev.write(mib, Bytes::from(vec![7u8; 2 * mib as usize]), Durability::Cached).await.unwrap();
+            let spans = dev.allocation(0, 4 * mib).await.unwrap();
+            assert_eq!(
+                spans,
+                vec![
+                    Span { len: mib, hole: true },
+                    Span { len: 2 * mib, hole: false },
+                    Span { len: mib, hole: true }
+                ]
+            );
+            dev.discard(mib, mib).await.unwrap();
+            let spans = dev.allocation(mib, 2 * mib).await.unwrap();
+            assert_eq!(spans, vec![Span { len: mib, hole: true }, Span { len: mib, hole: false }]);
+            assert!(dev.allocation(3 * mib, 2 * mib).await.is_err(), "past the end is refused");
         }
     }
 

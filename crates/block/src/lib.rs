@@ -117,6 +117,24 @@ pub trait BlockIo: Send + Sync + 'static {
 
     /// Sets `[offset, offset + len)` to zeroes, keeping it allocated.
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError>;
+
+    /// Which parts of `[offset, offset + len)` are holes, for hosts that copy or back up a
+    /// volume and skip what was never written or was discarded. The spans are in order
+    /// and cover a non-empty prefix of the range (a backend may stop early to keep the
+    /// answer short). Advisory: "data" is always a safe answer, and the default gives it.
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Span>, IoError> {
+        self.geometry().check(IoOp::Read, offset, len)?;
+        Ok(vec![Span { len, hole: false }])
+    }
+}
+
+/// A run of blocks that are all holes or all data, as [`BlockIo::allocation`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Bytes in the run.
+    pub len: u64,
+    /// Not allocated: reads as zeroes and takes no space.
+    pub hole: bool,
 }
 
 /// Allocates a zeroed buffer of `len` bytes.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
+use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp, Span};
 use tokio::sync::Notify;
 
 use crate::nodes::bitmap::Bitmap;
@@ -401,5 +401,11 @@ impl BlockIo for Tree {
         let _active = self.begin()?;
         self.geometry().check(IoOp::WriteZeroes, offset, len)?;
         self.root.write_zeroes(offset, len).await
+    }
+
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Span>, IoError> {
+        let _active = self.begin()?;
+        self.geometry().check(IoOp::Read, offset, len)?;
+        self.root.allocation(offset, len).await
     }
 }

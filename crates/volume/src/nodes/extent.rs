@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
+use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp, Span};
 
 /// A range of a device, addressed from zero.
 pub(crate) struct Extent {
@@ -54,6 +54,11 @@ impl BlockIo for Extent {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::WriteZeroes, offset, len)?;
         self.device.write_zeroes(self.offset + offset, len).await
+    }
+
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Span>, IoError> {
+        self.geometry.check(IoOp::Read, offset, len)?;
+        self.device.allocation(self.offset + offset, len).await
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
+use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp, Span};
 
 use super::bitmap::Bitmap;
 use super::members::Members;
@@ -148,6 +148,12 @@ impl BlockIo for Mirror {
         self.geometry.check(IoOp::WriteZeroes, offset, len)?;
         let _guard = self.legs.bitmap.start_write(offset, len).await?;
         self.on_all_legs(IoOp::WriteZeroes, offset, |leg| leg.write_zeroes(offset, len)).await
+    }
+
+    /// Every leg was discarded alike, so one healthy leg answers for all.
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Span>, IoError> {
+        self.geometry.check(IoOp::Read, offset, len)?;
+        self.read_any(offset, |leg| leg.allocation(offset, len)).await
     }
 }
 

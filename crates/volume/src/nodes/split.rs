@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
+use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp, Span};
 
 use super::{read_parts, to_usize};
 
@@ -117,4 +117,28 @@ impl<M: AddressMap> BlockIo for Split<M> {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.zero(IoOp::WriteZeroes, offset, len).await
     }
+
+    /// Asks the children share by share, up to [`MAX_SHARES`] of them, and stops at the
+    /// first share a child answers only in part: the answer is a prefix, as allowed.
+    async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Span>, IoError> {
+        let shares = self.shares(IoOp::Read, offset, len)?;
+        let mut spans: Vec<Span> = Vec::new();
+        for s in shares.iter().take(MAX_SHARES) {
+            let part = self.children[s.child].allocation(s.offset, s.len).await?;
+            let covered: u64 = part.iter().map(|p| p.len).sum();
+            for p in part {
+                match spans.last_mut() {
+                    Some(last) if last.hole == p.hole => last.len += p.len,
+                    _ => spans.push(p),
+                }
+            }
+            if covered < s.len {
+                break;
+            }
+        }
+        Ok(spans)
+    }
 }
+
+/// Most shares one allocation query visits.
+const MAX_SHARES: usize = 64;
