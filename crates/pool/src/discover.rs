@@ -44,6 +44,33 @@ pub struct Discovery {
     pub failed_volumes: Vec<(String, String)>,
 }
 
+/// What a device is, read from its labels without writing anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inspection {
+    /// No Strata label: free to claim.
+    Unclaimed,
+    /// Labelled as device `device_id` of pool `pool_id`.
+    Labelled {
+        /// Its pool.
+        pool_id: Uuid,
+        /// Its identity.
+        device_id: Uuid,
+    },
+    /// Carries a Strata label that cannot be read, and why.
+    Damaged(String),
+}
+
+/// Reads what `io` is; never writes.
+pub async fn inspect(io: &dyn BlockIo) -> Inspection {
+    match read_labels(io).await {
+        LabelScan::Blank => Inspection::Unclaimed,
+        LabelScan::Valid { label, .. } => {
+            Inspection::Labelled { pool_id: label.pool_id, device_id: label.device_id }
+        }
+        LabelScan::Damaged(why) => Inspection::Damaged(why),
+    }
+}
+
 /// What the two label copies of a device say.
 pub(crate) enum LabelScan {
     /// Neither copy has the Strata magic.

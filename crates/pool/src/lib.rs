@@ -19,6 +19,6 @@ pub mod label;
 mod pool;
 pub mod slot;
 
-pub use discover::{Discovery, scan_dir};
+pub use discover::{Discovery, Inspection, inspect, scan_dir};
 pub use error::PoolError;
 pub use pool::{CONFIG_REPLICAS, DeviceInfo, DeviceState, Pool, PoolOptions, Volume, VolumeInfo};

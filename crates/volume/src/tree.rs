@@ -105,7 +105,7 @@ impl Drop for Active<'_> {
 }
 
 /// Finds the live device for an id; `None` if it is not present.
-pub type DeviceLookup<'a> = &'a dyn Fn(DeviceId) -> Option<Arc<dyn BlockIo>>;
+pub type DeviceLookup<'a> = &'a (dyn Fn(DeviceId) -> Option<Arc<dyn BlockIo>> + Sync);
 
 struct Builder<'a> {
     lookup: DeviceLookup<'a>,

@@ -1,0 +1,93 @@
+//! How `strata serve` is set up: a TOML file, overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default REST API address.
+pub const DEFAULT_API: &str = "127.0.0.1:7480";
+/// Default NBD address (the protocol's registered port).
+pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/strata";
+/// Default data directory of `serve --demo`.
+pub const DEFAULT_DEMO_DIR: &str = "strata-demo";
+
+/// Settings of a controller; every field may come from the file or a flag.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// State and default device files.
+    pub data_dir: Option<PathBuf>,
+    /// REST API listen address.
+    pub api: Option<SocketAddr>,
+    /// NBD listen address.
+    pub nbd: Option<SocketAddr>,
+    /// Name of a pool made by the first `device add`.
+    pub pool_name: Option<String>,
+    /// Open device files with O_DIRECT (bypass the page cache).
+    pub direct_io: Option<bool>,
+    /// Make demo devices, a `demo` volume and its export if they are missing.
+    pub demo: Option<bool>,
+}
+
+impl ServeConfig {
+    /// Reads a TOML file; errors name the file, line and key.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {}", path.display(), one_line(&e)))
+    }
+
+    /// `other`'s settings where it has them, ours elsewhere.
+    pub fn overridden_by(self, other: ServeConfig) -> ServeConfig {
+        ServeConfig {
+            data_dir: other.data_dir.or(self.data_dir),
+            api: other.api.or(self.api),
+            nbd: other.nbd.or(self.nbd),
+            pool_name: other.pool_name.or(self.pool_name),
+            direct_io: other.direct_io.or(self.direct_io),
+            demo: other.demo.or(self.demo),
+        }
+    }
+}
+
+/// A TOML error as "line L, column C: message" (the crate's own text spans several lines).
+fn one_line(e: &toml::de::Error) -> String {
+    let message = e.message().trim();
+    match e.span() {
+        Some(span) => {
+            let text = e.to_string();
+            // "TOML parse error at line 2, column 1" heads the full text.
+            let place = text.lines().next().and_then(|l| l.split(" at ").nth(1)).unwrap_or("").to_string();
+            if place.is_empty() {
+                format!("{message} (bytes {span:?})")
+            } else {
+                format!("{place}: {message}")
+            }
+        }
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("strata.toml");
+        std::fs::write(&path, "data_dir = \"/tmp/x\"\nnbd_port = 5\n").unwrap();
+        let e = ServeConfig::load(&path).unwrap_err();
+        assert!(e.contains("line 2") && e.contains("nbd_port"), "{e}");
+        std::fs::write(&path, "api = \"not an address\"\n").unwrap();
+        let e = ServeConfig::load(&path).unwrap_err();
+        assert!(e.contains("line 1"), "{e}");
+        std::fs::write(&path, "api = \"127.0.0.1:1\"\n").unwrap();
+        let file = ServeConfig::load(&path).unwrap();
+        let flags = ServeConfig { api: Some("127.0.0.1:2".parse().unwrap()), ..Default::default() };
+        assert_eq!(file.overridden_by(flags).api, Some("127.0.0.1:2".parse().unwrap()));
+    }
+}

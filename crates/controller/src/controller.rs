@@ -1,0 +1,744 @@
+//! The controller: one pool found on (or added to) this machine's devices, its volumes,
+//! and the exports that serve them. Management requests arrive here from the REST API;
+//! IO never passes through: frontends hold the volumes' block devices directly.
+//!
+//! What is not on the devices lives in the data directory: the API token, the paths of
+//! devices added from outside it, and the exports (`controller.json`, replaced atomically).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use serde::{Deserialize, Serialize};
+use strata_block::{BlockIo, FileDevice, FileOptions};
+use strata_pool::{DeviceInfo, Inspection, Pool, PoolError, PoolOptions, VolumeInfo, inspect, scan_dir};
+use strata_volume::{Layout, Location, NodeSpec, VolumeRequest};
+
+use crate::metrics::{Metered, Metrics, Scope};
+
+/// The file in the data directory with what is not kept on the devices.
+const STATE_FILE: &str = "controller.json";
+/// The API token file in the data directory.
+pub const TOKEN_FILE: &str = "token";
+/// The folder of device files made by the controller.
+pub const DEVICES_DIR: &str = "devices";
+
+/// Why a management request failed; the kind picks the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong, in the operator's terms.
+    pub kind: FailureKind,
+    /// One line saying what to do.
+    pub message: String,
+}
+
+/// Classes of failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The request is malformed or impossible.
+    BadRequest,
+    /// It names something that does not exist.
+    NotFound,
+    /// It conflicts with what exists.
+    Conflict,
+    /// The controller or a device failed.
+    Internal,
+}
+
+impl Failure {
+    /// A failure of `kind`.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+impl From<PoolError> for Failure {
+    fn from(e: PoolError) -> Self {
+        let kind = match &e {
+            PoolError::Layout(_)
+            | PoolError::BadName(_)
+            | PoolError::TooSmall { .. }
+            | PoolError::Option(_) => FailureKind::BadRequest,
+            PoolError::NoSuchVolume(_) | PoolError::NoSuchDevice(_) => FailureKind::NotFound,
+            PoolError::VolumeExists(_)
+            | PoolError::AlreadyClaimed { .. }
+            | PoolError::DamagedLabel { .. }
+            | PoolError::DeviceInUse { .. }
+            | PoolError::ConfigTooLarge { .. }
+            | PoolError::NoDevices => FailureKind::Conflict,
+            _ => FailureKind::Internal,
+        };
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        Failure { kind, message }
+    }
+}
+
+/// How a volume is offered to hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    /// The volume.
+    pub volume: String,
+    /// Frontend protocol (`nbd`).
+    pub protocol: String,
+    /// Name clients ask for.
+    pub name: String,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Client addresses or networks (`10.0.0.5`, `10.0.0.0/24`) that may use it; empty
+    /// means every client.
+    pub allow: Vec<String>,
+}
+
+/// What listings show of an export.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportView {
+    /// The export's settings.
+    #[serde(flatten)]
+    pub record: ExportRecord,
+    /// Where a client connects.
+    pub uri: Option<String>,
+}
+
+/// What `controller.json` keeps.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    /// Devices added from outside the data directory's devices folder.
+    #[serde(default)]
+    device_paths: Vec<PathBuf>,
+    #[serde(default)]
+    exports: Vec<ExportRecord>,
+}
+
+/// An IP network in an allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Network {
+    addr: IpAddr,
+    prefix: u32,
+}
+
+impl Network {
+    fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{text}' is not an IP address or network (10.0.0.0/24)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("'{text}': the prefix length must be a number from 0 to {max}"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    fn contains(&self, client: IpAddr) -> bool {
+        let client = match client {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(client),
+            v4 => v4,
+        };
+        let bits = |a: IpAddr| -> u128 {
+            match a {
+                IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+                IpAddr::V6(v6) => u128::from(v6),
+            }
+        };
+        if self.addr.is_ipv4() != client.is_ipv4() {
+            return false;
+        }
+        // IPv4 sits in the top 32 bits, so both families mask their top `prefix` bits.
+        let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+        bits(self.addr) & mask == bits(client) & mask
+    }
+}
+
+/// An export being served.
+struct LiveExport {
+    record: ExportRecord,
+    allow: Vec<Network>,
+    export: strata_nbd::Export,
+}
+
+/// The controller's state.
+pub struct Controller {
+    data_dir: PathBuf,
+    file_options: FileOptions,
+    pool_name: String,
+    pool: parking_lot::RwLock<Option<Arc<Pool>>>,
+    /// Serializes management changes and guards what `controller.json` holds.
+    saved: tokio::sync::Mutex<Saved>,
+    exports: parking_lot::RwLock<BTreeMap<String, LiveExport>>,
+    /// Each volume's block device with its metrics, shared by every export of it.
+    metered_volumes: parking_lot::Mutex<BTreeMap<String, Arc<Metered>>>,
+    /// Metrics of every level.
+    pub metrics: Metrics,
+    /// Where the NBD server listens, once it does.
+    pub nbd_addr: OnceLock<SocketAddr>,
+    /// The pool found at start-up, and what the scan found, for the log and status.
+    pub discovery: parking_lot::Mutex<Option<strata_pool::Discovery>>,
+}
+
+/// Reads or makes the API token of `data_dir` (mode 0600).
+pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(TOKEN_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let token = text.trim().to_string();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    file.write_all(format!("{token}\n").as_bytes())?;
+    file.sync_all()?;
+    Ok(token)
+}
+
+impl Controller {
+    /// Opens the controller of `data_dir`: reads its state and rebuilds the pool and
+    /// volumes from the devices it knows (its devices folder and the recorded paths).
+    /// Nothing that is not already a member is written.
+    pub async fn open(
+        data_dir: &Path,
+        file_options: FileOptions,
+        pool_name: String,
+    ) -> Result<Arc<Self>, String> {
+        let devices_dir = data_dir.join(DEVICES_DIR);
+        std::fs::create_dir_all(&devices_dir)
+            .map_err(|e| format!("cannot create data directory {}: {e}", devices_dir.display()))?;
+        let state_path = data_dir.join(STATE_FILE);
+        let saved: Saved = match std::fs::read(&state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{} is not valid: {e}; fix or remove it", state_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
+            Err(e) => return Err(format!("cannot read {}: {e}", state_path.display())),
+        };
+        let controller = Arc::new(Self {
+            data_dir: data_dir.to_path_buf(),
+            file_options,
+            pool_name,
+            pool: parking_lot::RwLock::new(None),
+            saved: tokio::sync::Mutex::new(saved.clone()),
+            exports: parking_lot::RwLock::new(BTreeMap::new()),
+            metered_volumes: parking_lot::Mutex::new(BTreeMap::new()),
+            metrics: Metrics::default(),
+            nbd_addr: OnceLock::new(),
+            discovery: parking_lot::Mutex::new(None),
+        });
+        let mut paths =
+            scan_dir(&devices_dir).map_err(|e| format!("cannot list {}: {e}", devices_dir.display()))?;
+        for p in &saved.device_paths {
+            if !paths.contains(p) {
+                paths.push(p.clone());
+            }
+        }
+        let mut candidates: Vec<(String, Arc<dyn BlockIo>)> = Vec::new();
+        let mut unopened = Vec::new();
+        for path in &paths {
+            let name = path.display().to_string();
+            match FileDevice::open(path, &controller.file_options) {
+                Ok(device) => {
+                    let device = controller.metrics.meter(Scope::device, &name, device);
+                    candidates.push((name, device));
+                }
+                Err(e) => unopened.push((name, format!("cannot be opened: {e}"))),
+            }
+        }
+        let (pool, mut report) = Pool::open(candidates).await.map_err(|e| Failure::from(e).message)?;
+        report.damaged.extend(unopened);
+        for (device, why) in &report.damaged {
+            tracing::error!(%device, %why, "device not usable");
+        }
+        for (volume, why) in &report.failed_volumes {
+            tracing::error!(%volume, %why, "volume not served");
+        }
+        for repair in &report.repaired {
+            tracing::warn!(%repair, "repaired on start-up");
+        }
+        if let Some(pool) = &pool {
+            tracing::info!(
+                pool = %pool.id(),
+                devices = report.members.len(),
+                missing = report.missing.len(),
+                volumes = pool.volumes().len(),
+                "pool found"
+            );
+        }
+        *controller.pool.write() = pool.map(Arc::new);
+        *controller.discovery.lock() = Some(report);
+        for record in saved.exports {
+            if let Err(e) = controller.start_export(record.clone()) {
+                tracing::error!(volume = %record.volume, error = %e.message, "export not served");
+            }
+        }
+        Ok(controller)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The pool, if one exists.
+    pub fn pool(&self) -> Option<Arc<Pool>> {
+        self.pool.read().clone()
+    }
+
+    fn require_pool(&self) -> Result<Arc<Pool>, Failure> {
+        self.pool().ok_or_else(|| {
+            Failure::new(
+                FailureKind::Conflict,
+                "The controller has no devices yet; add one with `strata device add PATH`",
+            )
+        })
+    }
+
+    async fn save(&self, saved: &Saved) -> Result<(), Failure> {
+        let path = self.data_dir.join(STATE_FILE);
+        let tmp = self.data_dir.join(format!("{STATE_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(saved).expect("state serializes");
+        let write = || -> std::io::Result<()> {
+            let file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut &file, &bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.data_dir)?.sync_all()
+        };
+        write()
+            .map_err(|e| Failure::new(FailureKind::Internal, format!("cannot write {}: {e}", path.display())))
+    }
+
+    // ----- devices -----
+
+    /// Every device of the pool.
+    pub async fn devices(&self) -> Vec<DeviceInfo> {
+        match self.pool() {
+            Some(pool) => pool.devices().await,
+            None => Vec::new(),
+        }
+    }
+
+    /// A device by id, unique id prefix, or path.
+    pub async fn device(&self, key: &str) -> Result<DeviceInfo, Failure> {
+        let devices = self.devices().await;
+        let exact: Vec<&DeviceInfo> =
+            devices.iter().filter(|d| d.id.to_string() == key || d.name == key).collect();
+        let found: Vec<&DeviceInfo> = if exact.is_empty() && key.len() >= 4 {
+            devices.iter().filter(|d| d.id.to_string().starts_with(key)).collect()
+        } else {
+            exact
+        };
+        match found[..] {
+            [one] => Ok(one.clone()),
+            [] => Err(Failure::from(PoolError::NoSuchDevice(key.to_string()))),
+            _ => Err(Failure::new(
+                FailureKind::BadRequest,
+                format!("'{key}' matches several devices; give more of the id"),
+            )),
+        }
+    }
+
+    /// Adds the file or block device at `path` to the pool (making the pool on the first
+    /// one), creating a sparse file of `create` bytes first if asked. A device that already
+    /// carries a Strata label is refused and left untouched.
+    pub async fn add_device(
+        &self,
+        path: &Path,
+        create: Option<u64>,
+        fault_domain: Option<String>,
+    ) -> Result<DeviceInfo, Failure> {
+        if !path.is_absolute() {
+            return Err(Failure::new(
+                FailureKind::BadRequest,
+                format!("device path '{}' must be absolute", path.display()),
+            ));
+        }
+        let mut saved = self.saved.lock().await;
+        let device = match create {
+            Some(size) => {
+                if path.exists() {
+                    return Err(Failure::new(
+                        FailureKind::Conflict,
+                        format!(
+                            "{} already exists; add it without --create, or choose another path",
+                            path.display()
+                        ),
+                    ));
+                }
+                FileDevice::create(path, size, &self.file_options)
+            }
+            None => FileDevice::open(path, &self.file_options),
+        }
+        .map_err(|e| Failure::new(FailureKind::BadRequest, format!("cannot open {}: {e}", path.display())))?;
+        let name = path.display().to_string();
+        let device: Arc<dyn BlockIo> = self.metrics.meter(Scope::device, &name, device);
+        let pool = {
+            let existing = self.pool();
+            match existing {
+                Some(pool) => pool,
+                None => Arc::new(
+                    Pool::create(PoolOptions { name: self.pool_name.clone(), ..PoolOptions::default() })
+                        .map_err(Failure::from)?,
+                ),
+            }
+        };
+        let claimed = pool.claim(&name, device, fault_domain).await;
+        let info = match claimed {
+            Ok(info) => info,
+            Err(e) => {
+                if create.is_some() {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e.into());
+            }
+        };
+        if self.pool.read().is_none() {
+            *self.pool.write() = Some(pool);
+        }
+        if !path.starts_with(self.data_dir.join(DEVICES_DIR)) && !saved.device_paths.iter().any(|p| p == path)
+        {
+            saved.device_paths.push(path.to_path_buf());
+            self.save(&saved).await?;
+        }
+        tracing::info!(device = %name, id = %info.id, "device added");
+        Ok(info)
+    }
+
+    /// Takes a device out of the pool and wipes its labels; refused while volumes use it.
+    pub async fn remove_device(&self, key: &str) -> Result<(), Failure> {
+        let info = self.device(key).await?;
+        let mut saved = self.saved.lock().await;
+        self.require_pool()?.release(info.id).await?;
+        let before = saved.device_paths.len();
+        saved.device_paths.retain(|p| p.display().to_string() != info.name);
+        if saved.device_paths.len() != before {
+            self.save(&saved).await?;
+        }
+        tracing::info!(device = %info.name, id = %info.id, "device removed");
+        Ok(())
+    }
+
+    /// What every file in the devices folder and every recorded path is, read without
+    /// writing: members, free devices, other pools' devices, damaged labels.
+    pub async fn scan(&self) -> Vec<ScanEntry> {
+        let saved = self.saved.lock().await.clone();
+        let mut paths = scan_dir(&self.data_dir.join(DEVICES_DIR)).unwrap_or_default();
+        paths.extend(saved.device_paths.iter().filter(|p| !paths.contains(p)).cloned().collect::<Vec<_>>());
+        let pool_id = self.pool().map(|p| p.id());
+        let mut out = Vec::new();
+        for path in paths {
+            let name = path.display().to_string();
+            let (state, detail) = match FileDevice::open(&path, &self.file_options) {
+                Err(e) => ("unreadable", e.to_string()),
+                Ok(device) => match inspect(device.as_ref()).await {
+                    Inspection::Unclaimed => {
+                        ("unclaimed", "no Strata label; `strata device add` claims it".into())
+                    }
+                    Inspection::Labelled { pool_id: p, device_id } if Some(p) == pool_id => {
+                        ("member", device_id.to_string())
+                    }
+                    Inspection::Labelled { pool_id: p, .. } => ("foreign", format!("belongs to pool {p}")),
+                    Inspection::Damaged(why) => ("damaged", why),
+                },
+            };
+            out.push(ScanEntry { path: name, state: state.into(), detail });
+        }
+        out
+    }
+
+    // ----- volumes -----
+
+    /// Every volume.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        self.pool().map(|p| p.volumes().iter().map(|v| v.info()).collect()).unwrap_or_default()
+    }
+
+    /// One volume with its tree.
+    pub async fn volume(&self, name: &str) -> Result<(VolumeInfo, NodeSpec), Failure> {
+        let pool = self.require_pool().map_err(|_| Failure::from(PoolError::NoSuchVolume(name.into())))?;
+        let volume = pool.volume(name).ok_or_else(|| PoolError::NoSuchVolume(name.into()))?;
+        let spec = pool.volume_spec(name).await.ok_or_else(|| PoolError::NoSuchVolume(name.into()))?;
+        Ok((volume.info(), spec))
+    }
+
+    /// Makes a volume.
+    pub async fn create_volume(&self, name: &str, request: VolumeRequest) -> Result<VolumeInfo, Failure> {
+        let _guard = self.saved.lock().await;
+        let pool = self.require_pool()?;
+        let volume = pool.create_volume(name, request).await?;
+        tracing::info!(volume = %name, size = volume.info().size_bytes, layout = %volume.info().layout, "volume created");
+        Ok(volume.info())
+    }
+
+    /// Deletes a volume; refused while it is exported.
+    pub async fn delete_volume(&self, name: &str) -> Result<(), Failure> {
+        let _guard = self.saved.lock().await;
+        if let Some(export) = self.exports.read().values().find(|e| e.record.volume == name) {
+            return Err(Failure::new(
+                FailureKind::Conflict,
+                format!(
+                    "Volume '{name}' is exported as '{}'; remove the export first (`strata export remove {name}`)",
+                    export.record.name
+                ),
+            ));
+        }
+        let pool = self.require_pool().map_err(|_| Failure::from(PoolError::NoSuchVolume(name.into())))?;
+        pool.delete_volume(name).await?;
+        self.metered_volumes.lock().remove(name);
+        tracing::info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+
+    /// Where byte `offset` of a volume is stored.
+    pub async fn map(&self, name: &str, offset: u64) -> Result<Vec<Location>, Failure> {
+        let pool = self.require_pool().map_err(|_| Failure::from(PoolError::NoSuchVolume(name.into())))?;
+        pool.map(name, offset).await?.ok_or_else(|| {
+            let size = pool.volume(name).map(|v| v.info().size_bytes).unwrap_or(0);
+            Failure::new(
+                FailureKind::BadRequest,
+                format!("offset {offset} is beyond the volume's {size} bytes"),
+            )
+        })
+    }
+
+    fn volume_io(&self, name: &str) -> Result<Arc<Metered>, Failure> {
+        let pool = self.require_pool().map_err(|_| Failure::from(PoolError::NoSuchVolume(name.into())))?;
+        let volume = pool.volume(name).ok_or_else(|| PoolError::NoSuchVolume(name.into()))?;
+        let mut metered = self.metered_volumes.lock();
+        Ok(metered
+            .entry(name.to_string())
+            .or_insert_with(|| self.metrics.meter(Scope::volume, name, volume.io()))
+            .clone())
+    }
+
+    // ----- exports -----
+
+    /// Every export.
+    pub fn exports(&self) -> Vec<ExportView> {
+        let nbd = self.nbd_addr.get();
+        self.exports
+            .read()
+            .values()
+            .map(|e| ExportView {
+                record: e.record.clone(),
+                uri: nbd.map(|addr| format!("nbd://{addr}/{}", e.record.name)),
+            })
+            .collect()
+    }
+
+    /// Serves `record` from now on (without saving it).
+    fn start_export(&self, record: ExportRecord) -> Result<(), Failure> {
+        if record.protocol != "nbd" {
+            return Err(Failure::new(
+                FailureKind::BadRequest,
+                format!("protocol '{}' is not served yet; use nbd", record.protocol),
+            ));
+        }
+        let allow = record
+            .allow
+            .iter()
+            .map(|a| Network::parse(a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Failure::new(FailureKind::BadRequest, e))?;
+        let check = |name: &str| {
+            !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_graphic() && c != '/')
+        };
+        if !check(&record.name) {
+            return Err(Failure::new(
+                FailureKind::BadRequest,
+                format!(
+                    "export name '{}' must be 1 to 255 printable characters without '/' or spaces",
+                    record.name
+                ),
+            ));
+        }
+        let mut exports = self.exports.write();
+        if let Some(existing) =
+            exports.values().find(|e| e.record.volume == record.volume || e.record.name == record.name)
+        {
+            return Err(Failure::new(
+                FailureKind::Conflict,
+                format!(
+                    "volume '{}' is already exported as '{}'; remove that export first",
+                    existing.record.volume, existing.record.name
+                ),
+            ));
+        }
+        drop(exports);
+        let volume = self.volume_io(&record.volume)?;
+        let frontend = self.metrics.meter(Scope::nbd, &record.name, volume);
+        let export = strata_nbd::Export {
+            name: record.name.clone(),
+            description: format!("Strata volume {}", record.volume),
+            device: frontend,
+            read_only: record.read_only,
+        };
+        exports = self.exports.write();
+        exports.insert(record.name.clone(), LiveExport { record, allow, export });
+        Ok(())
+    }
+
+    /// Exports a volume and records it so it is served again after a restart.
+    pub async fn add_export(&self, record: ExportRecord) -> Result<ExportView, Failure> {
+        let mut saved = self.saved.lock().await;
+        self.start_export(record.clone())?;
+        saved.exports.push(record.clone());
+        if let Err(e) = self.save(&saved).await {
+            saved.exports.pop();
+            self.exports.write().remove(&record.name);
+            return Err(e);
+        }
+        tracing::info!(volume = %record.volume, export = %record.name, "export added");
+        Ok(self.exports().into_iter().find(|e| e.record.name == record.name).expect("just added"))
+    }
+
+    /// Stops exporting a volume. Clients already connected keep their connection until
+    /// they leave; new ones are refused.
+    pub async fn remove_export(&self, volume: &str) -> Result<(), Failure> {
+        let mut saved = self.saved.lock().await;
+        let name =
+            self.exports.read().values().find(|e| e.record.volume == volume).map(|e| e.record.name.clone());
+        let Some(name) = name else {
+            return Err(Failure::new(
+                FailureKind::NotFound,
+                format!("volume '{volume}' is not exported; `strata export list` shows the exports"),
+            ));
+        };
+        saved.exports.retain(|e| e.volume != volume);
+        self.save(&saved).await?;
+        self.exports.write().remove(&name);
+        tracing::info!(%volume, export = %name, "export removed");
+        Ok(())
+    }
+
+    // ----- lifecycle -----
+
+    /// Makes what `serve --demo` shows, where missing: four sparse 1 GiB device files, a
+    /// 1 GiB RAID 10 volume `demo` (linear if fewer than four devices), and its NBD export.
+    pub async fn ensure_demo(&self) -> Result<(), Failure> {
+        if self.pool().is_none() {
+            for i in 0..4 {
+                let path = std::path::absolute(self.data_dir.join(DEVICES_DIR).join(format!("device{i}")))
+                    .map_err(|e| Failure::new(FailureKind::Internal, e.to_string()))?;
+                self.add_device(&path, Some(1 << 30), Some(format!("shelf{i}"))).await?;
+            }
+        }
+        if self.pool().is_some_and(|p| p.volume("demo").is_none()) {
+            let layout = if self.devices().await.len() >= 4 { Layout::Raid10 } else { Layout::Linear };
+            self.create_volume("demo", VolumeRequest::new(1 << 30, layout)).await?;
+        }
+        if !self.exports.read().values().any(|e| e.record.volume == "demo") {
+            self.add_export(ExportRecord {
+                volume: "demo".into(),
+                protocol: "nbd".into(),
+                name: "demo".into(),
+                read_only: false,
+                allow: Vec::new(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes every volume: after this no request reaches a device, and all
+    /// that was written is durable.
+    pub async fn shut_down(&self) {
+        let Some(pool) = self.pool() else { return };
+        for volume in pool.volumes() {
+            let tree = volume.io();
+            if let Err(e) = tree.flush().await {
+                tracing::error!(volume = %volume.name(), error = %e, "final flush failed");
+            }
+            tree.close().await;
+        }
+    }
+
+    /// Refreshes the gauges that are read at scrape time.
+    pub async fn update_gauges(&self, nbd_connections: usize) {
+        use crate::metrics::NameLabel;
+        for v in self.volumes() {
+            let state = match v.state {
+                strata_volume::VolumeState::Healthy => 0,
+                strata_volume::VolumeState::Degraded => 1,
+                strata_volume::VolumeState::Failed => 2,
+            };
+            self.metrics.volume_state.get_or_create(&NameLabel { name: v.name }).set(state);
+        }
+        for d in self.devices().await {
+            let free = i64::try_from(d.free_bytes).unwrap_or(i64::MAX);
+            self.metrics.device_free_bytes.get_or_create(&NameLabel { name: d.name }).set(free);
+        }
+        self.metrics.nbd_connections.set(i64::try_from(nbd_connections).unwrap_or(i64::MAX));
+    }
+}
+
+/// What a scan found at one path.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScanEntry {
+    /// The path.
+    pub path: String,
+    /// member, unclaimed, foreign, damaged or unreadable.
+    pub state: String,
+    /// Device id, owning pool, or what is wrong.
+    pub detail: String,
+}
+
+impl strata_nbd::Exports for Controller {
+    fn lookup(&self, name: &str, client: IpAddr) -> Option<strata_nbd::Export> {
+        let exports = self.exports.read();
+        let allowed = |e: &&LiveExport| e.allow.is_empty() || e.allow.iter().any(|n| n.contains(client));
+        if name.is_empty() {
+            // The default export: the only one this client may see.
+            let mut visible = exports.values().filter(allowed);
+            let first = visible.next()?;
+            return visible.next().is_none().then(|| first.export.clone());
+        }
+        exports.get(name).filter(allowed).map(|e| e.export.clone())
+    }
+
+    fn list(&self, client: IpAddr) -> Vec<strata_nbd::Export> {
+        let exports = self.exports.read();
+        exports
+            .values()
+            .filter(|e| e.allow.is_empty() || e.allow.iter().any(|n| n.contains(client)))
+            .map(|e| e.export.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_lists_match_addresses_and_networks() {
+        let net = Network::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()), "v4-mapped clients match v4 rules");
+        let host = Network::parse("127.0.0.1").unwrap();
+        assert!(host.contains("127.0.0.1".parse().unwrap()) && !host.contains("127.0.0.2".parse().unwrap()));
+        assert!(Network::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(Network::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "host", "10.0.0.1/x", ""] {
+            assert!(Network::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

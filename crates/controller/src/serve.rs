@@ -1,0 +1,118 @@
+//! `strata serve`: opens the controller, listens for the REST API and NBD clients, and on
+//! SIGTERM or SIGINT stops accepting, lets every connection finish what it accepted,
+//! flushes and closes every volume, and releases the devices.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use strata_block::FileOptions;
+use strata_nbd::NbdServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{ApiState, router};
+use crate::config::{DEFAULT_API, DEFAULT_DATA_DIR, DEFAULT_DEMO_DIR, DEFAULT_NBD, ServeConfig};
+use crate::controller::{Controller, load_or_create_token};
+
+/// The file where a running controller writes the addresses it listens on.
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+
+async fn listen(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen for {what} on {addr}: {e}; choose another address with {flag}"))
+}
+
+/// Runs a controller until SIGTERM or SIGINT.
+pub async fn serve(config: ServeConfig) -> Result<(), String> {
+    let started = Instant::now();
+    let demo = config.demo.unwrap_or(false);
+    let data_dir = config
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(if demo { DEFAULT_DEMO_DIR } else { DEFAULT_DATA_DIR }));
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
+    let data_dir = std::path::absolute(&data_dir).map_err(|e| e.to_string())?;
+    let token = load_or_create_token(&data_dir)
+        .map_err(|e| format!("cannot write the API token in {}: {e}", data_dir.display()))?;
+    let file_options = FileOptions { direct: config.direct_io.unwrap_or(false), ..FileOptions::default() };
+    let pool_name = config.pool_name.clone().unwrap_or_else(|| "strata".into());
+    let controller = Controller::open(&data_dir, file_options, pool_name).await?;
+    if demo {
+        controller.ensure_demo().await.map_err(|e| format!("cannot set up the demo: {}", e.message))?;
+    }
+
+    let api_listener =
+        listen(config.api.unwrap_or_else(|| DEFAULT_API.parse().expect("valid")), "the API", "--api").await?;
+    let nbd_listener =
+        listen(config.nbd.unwrap_or_else(|| DEFAULT_NBD.parse().expect("valid")), "NBD", "--nbd").await?;
+    let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
+    let nbd_addr = nbd_listener.local_addr().map_err(|e| e.to_string())?;
+    let _ = controller.nbd_addr.set(nbd_addr);
+    let endpoints = serde_json::json!({ "api": format!("http://{api_addr}"), "nbd": nbd_addr.to_string() });
+    let endpoints_path = data_dir.join(ENDPOINTS_FILE);
+    std::fs::write(&endpoints_path, serde_json::to_vec_pretty(&endpoints).expect("json"))
+        .map_err(|e| format!("cannot write {}: {e}", endpoints_path.display()))?;
+
+    let (stop, stopped) = watch::channel(false);
+    let nbd = NbdServer::new(controller.clone());
+    let nbd_task = tokio::spawn(nbd.clone().run(nbd_listener, stopped.clone()));
+    let state = Arc::new(ApiState {
+        controller: controller.clone(),
+        token,
+        nbd,
+        api_addr: format!("http://{api_addr}"),
+        started,
+    });
+    let mut api_stopped = stopped.clone();
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, router(state))
+            .with_graceful_shutdown(async move {
+                let _ = api_stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    tracing::info!(api = %api_addr, nbd = %nbd_addr, data_dir = %data_dir.display(), "controller running");
+    println!("Strata controller running (data in {})", data_dir.display());
+    println!("  REST API  http://{api_addr}   (token in {})", data_dir.join("token").display());
+    println!("  NBD       {nbd_addr}");
+    for export in controller.exports() {
+        if let Some(uri) = &export.uri {
+            println!("  export '{}' (volume {}): {uri}", export.record.name, export.record.volume);
+        }
+    }
+    if demo {
+        println!("Try:");
+        println!("  qemu-img info nbd://{nbd_addr}/demo");
+        println!("  nbdinfo nbd://{nbd_addr}/demo");
+        println!("  strata --api http://{api_addr} --data-dir {} volume list", data_dir.display());
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    let _ = stop.send(true);
+    let _ = nbd_task.await;
+    match api_task.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "API server failed"),
+        Err(e) => tracing::error!(error = %e, "API task failed"),
+        Ok(Ok(())) => {}
+    }
+    controller.shut_down().await;
+    let _ = std::fs::remove_file(&endpoints_path);
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

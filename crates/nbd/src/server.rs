@@ -1,0 +1,103 @@
+//! The listener: accepts connections, negotiates, and hands each connection its own task.
+//! Shutdown stops accepting, lets every connection finish what it accepted, and waits.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::Exports;
+use crate::handshake::{self, HandshakeError};
+use crate::transmission;
+
+/// How long a client may take to finish negotiation.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An NBD server over a set of exports.
+pub struct NbdServer {
+    exports: Arc<dyn Exports>,
+    connections: AtomicUsize,
+    accepted: AtomicU64,
+    tracker: TaskTracker,
+}
+
+impl NbdServer {
+    /// A server answering from `exports`.
+    pub fn new(exports: Arc<dyn Exports>) -> Arc<Self> {
+        Arc::new(Self {
+            exports,
+            connections: AtomicUsize::new(0),
+            accepted: AtomicU64::new(0),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// Connections open now (negotiating or transmitting).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted since start.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Accepts clients on `listener` until `shutdown` turns true, then waits until every
+    /// connection has completed the requests it accepted and closed.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        let mut stop = shutdown.clone();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let server = self.clone();
+                        let shutdown = shutdown.clone();
+                        self.tracker.spawn(async move { server.connection(stream, peer, shutdown).await });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "NBD accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                () = stopped(&mut stop) => break,
+            }
+        }
+        drop(listener);
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let negotiated = tokio::select! {
+            result = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake::negotiate(&mut stream, peer.ip(), self.exports.as_ref()),
+            ) => result,
+            () = stopped(&mut shutdown) => Ok(Err(HandshakeError::Ended)),
+        };
+        match negotiated {
+            Ok(Ok(session)) => {
+                tracing::debug!(%peer, export = %session.export.name, structured = session.structured, "NBD client connected");
+                transmission::serve(stream, session, shutdown).await;
+                tracing::debug!(%peer, "NBD client left");
+            }
+            Ok(Err(HandshakeError::Protocol(why))) => tracing::warn!(%peer, %why, "NBD negotiation refused"),
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "NBD negotiation ended"),
+            Err(_) => tracing::warn!(%peer, "NBD negotiation timed out"),
+        }
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Returns once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
