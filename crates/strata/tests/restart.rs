@@ -1,0 +1,52 @@
+//! A controller killed with SIGKILL comes back from its devices with every flushed write.
+
+mod common;
+
+use common::{Server, data_dir, qemu_io};
+
+#[test]
+fn kill_9_then_restart_keeps_every_volume_and_flushed_write() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(4, "256M");
+    let layouts = ["linear", "mirror", "raid10", "raid5", "raid6"];
+    for (i, layout) in layouts.iter().enumerate() {
+        let uri = server.volume(layout, "32M", layout);
+        let pattern = format!("write -P {} 0 6M", 0x10 + i);
+        qemu_io(&uri, &[&pattern, "write -P 0xee 20M 1M", "flush"]);
+        // A FUA write needs no flush to be durable.
+        qemu_io(&uri, &["write -f -P 0xfa 30M 64k"]);
+    }
+    let before = server.json(&["volume", "list"]);
+    server.kill9();
+
+    let server = Server::start(&dir);
+    let after = server.json(&["volume", "list"]);
+    assert_eq!(before, after, "volumes differ after the restart");
+    for v in after.as_array().unwrap() {
+        assert_eq!(v["state"], "healthy", "{v}");
+    }
+    let exports = server.json(&["export", "list"]);
+    assert_eq!(exports.as_array().unwrap().len(), layouts.len(), "exports come back: {exports}");
+    for (i, layout) in layouts.iter().enumerate() {
+        let check = format!("read -P {} 0 6M", 0x10 + i);
+        qemu_io(
+            &server.uri(layout),
+            &[&check, "read -P 0xee 20M 1M", "read -P 0xfa 30M 64k", "read -P 0 6M 14M"],
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_everything_is_found_again() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(2, "256M");
+    let uri = server.volume("m", "16M", "mirror");
+    qemu_io(&uri, &["write -P 0x3c 0 4M"]);
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}");
+    let server = Server::start(&dir);
+    assert!(server.log().contains("pool found"), "{}", server.log());
+    qemu_io(&server.uri("m"), &["read -P 0x3c 0 4M"]);
+}
