@@ -402,7 +402,7 @@ mod tests {
         for dir in [tempfile::tempdir().unwrap(), tempfile::tempdir_in("/dev/shm").unwrap()] {
             let dev = FileDevice::create(dir.path().join("d"), 4 << 20, &FileOptions::default()).unwrap();
             let mib = 1 << 20;
-            dev.write(mib, Bytes::from(vec![7u8; 2 * mib as usize]), Durability::Cached).await.unwrap();
+            dev.write(mib, Bytes::from(vec![7u8; 2 << 20]), Durability::Cached).await.unwrap();
             let spans = dev.allocation(0, 4 * mib).await.unwrap();
             assert_eq!(
                 spans,

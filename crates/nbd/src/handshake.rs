@@ -120,10 +120,10 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(HandshakeError::Ended);
             }
             opt::GO | opt::INFO => {
-                if let Some(export) = session.info(stream, option, data).await? {
-                    if option == opt::GO {
-                        return Ok(session.into_negotiated(export));
-                    }
+                if let Some(export) = session.info(stream, option, data).await?
+                    && option == opt::GO
+                {
+                    return Ok(session.into_negotiated(export));
                 }
             }
             opt::LIST => {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
@@ -54,6 +55,7 @@ impl NbdServer {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
                         let server = self.clone();
                         let shutdown = shutdown.clone();
                         self.tracker.spawn(async move { server.connection(stream, peer, shutdown).await });
@@ -72,10 +74,16 @@ impl NbdServer {
         self.tracker.wait().await;
     }
 
-    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+    /// Serves one client connection from negotiation to hang-up (any byte stream: the
+    /// listener's TCP connections, or a test's in-memory pipe).
+    pub async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        mut stream: S,
+        peer: SocketAddr,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.accepted.fetch_add(1, Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
         let negotiated = tokio::select! {
             result = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,

@@ -199,7 +199,7 @@ fn rest_api_authenticates_validates_and_documents_itself() {
         for method in methods.as_object().unwrap().keys() {
             let (code, _) = curl(&["-X", &method.to_uppercase(), "-H", &auth, &url(&concrete)]);
             assert!(
-                code != "405" && !(code == "404" && !path.contains('{')),
+                code != "405" && (code != "404" || path.contains('{')),
                 "{method} {path} is not routed: {code}"
             );
         }

@@ -88,7 +88,8 @@ fn nbdcopy_round_trips_data_over_several_connections() {
     let uri = server.volume("copy", "24M", "stripe");
     let source = tmp.path().join("in.bin");
     let back = tmp.path().join("out.bin");
-    let data: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> =
+        (0..24u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0]).collect();
     std::fs::write(&source, &data).unwrap();
     run("nbdcopy", &["--connections=4", "--requests=16", source.to_str().unwrap(), &uri]);
     run("nbdcopy", &["--connections=4", &uri, back.to_str().unwrap()]);
@@ -172,7 +173,7 @@ impl Raw {
         let greeting = c.read_n(18);
         assert_eq!(&greeting[..8], b"NBDMAGIC");
         c.0.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        let mut data = u32::try_from(name.len()).unwrap().to_be_bytes().to_vec();
         data.extend_from_slice(name.as_bytes());
         data.extend_from_slice(&0u16.to_be_bytes());
         c.option(7, &data);
@@ -194,7 +195,7 @@ impl Raw {
     fn option(&mut self, option: u32, data: &[u8]) {
         let mut m = b"IHAVEOPT".to_vec();
         m.extend_from_slice(&option.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
         m.extend_from_slice(data);
         self.0.write_all(&m).unwrap();
     }
