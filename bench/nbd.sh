@@ -98,7 +98,7 @@ mkdir -p "$DIR/logs" "$DIR/fio"
 ROWS="$DIR/rows.tsv"
 : >"$ROWS"
 
-NBDKIT_PID="" QEMU_PID="" STRATA_PID=""
+NBDKIT_PID="" QEMU_PID="" STRATA_PID="" FIO_PID=""
 stop_pid() { # pid name seconds
   local pid="$1" name="$2" wait_s="$3" i
   [ -n "$pid" ] || return 0
@@ -117,6 +117,7 @@ stop_pid() { # pid name seconds
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  stop_pid "$FIO_PID" fio 10
   stop_pid "$STRATA_PID" strata 30
   stop_pid "$NBDKIT_PID" nbdkit 10
   stop_pid "$QEMU_PID" qemu-nbd 10
@@ -235,37 +236,39 @@ for w in $WORKLOADS; do workload "$w" >/dev/null; done
 now() { date +%s.%N; }
 
 # One fio run against one server; appends a row to $ROWS.
-run_one() { # workload server
-  local spec label rw bs qd server="$2" pid uri json c0 c1 t0 t1
+run_one() { # round workload server
+  local round="$1" spec label rw bs qd server="$3" pid uri json c0 c1 t0 t1
+  shift
   spec="$(workload "$1")"
   IFS='|' read -r label rw bs qd <<<"$spec"
   pid="$(pid_of "$server")"
   uri="$(uri_of "$server")"
-  json="$DIR/fio/$1-$server.json"
+  json="$DIR/fio/$round-$1-$server.json"
   log "$label: $server"
   fio --name=w --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
     --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
     --output-format=json --output="$json" >"$DIR/logs/fio.log" 2>&1 &
-  local fio_pid=$!
+  FIO_PID=$!
   # The server's CPU is sampled from the end of the ramp until fio exits.
   sleep "$RAMP"
   c0="$(cpu_ticks "$pid")"
   t0="$(now)"
-  if ! wait "$fio_pid"; then
+  if ! wait "$FIO_PID"; then
     die "fio failed for $label on $server: $(tail -n 5 "$DIR/logs/fio.log")"
   fi
   c1="$(cpu_ticks "$pid")"
   t1="$(now)"
-  python3 - "$json" "$label" "$server" "$rw" "$c0" "$c1" "$CLK_TCK" "$t0" "$t1" >>"$ROWS" <<'EOF'
+  FIO_PID=""
+  python3 - "$round" "$json" "$label" "$server" "$rw" "$c0" "$c1" "$CLK_TCK" "$t0" "$t1" >>"$ROWS" <<'EOF'
 import json, sys
-path, label, server, rw, c0, c1, tck, t0, t1 = sys.argv[1:]
+round_, path, label, server, rw, c0, c1, tck, t0, t1 = sys.argv[1:]
 job = json.load(open(path))["jobs"][0]
 if job.get("error"):
     sys.exit(f"fio reported error {job['error']} for {label} on {server}")
 side = job["write" if "write" in rw else "read"]
 cpu = (int(c1) - int(c0)) / int(tck)
 window = float(t1) - float(t0)
-print("\t".join(map(str, [label, server, side["iops"], side["bw_bytes"] / 1e6, cpu, window])))
+print("\t".join(map(str, [round_, label, server, side["iops"], side["bw_bytes"] / 1e6, cpu, window])))
 EOF
 }
 
@@ -273,9 +276,11 @@ start_peers
 start_strata
 
 log "measuring: ${RUNTIME}s per run after ${RAMP}s ramp; servers: $SERVERS; strata layout: $LAYOUT"
+round=0
 for w in $WORKLOADS; do
+  round=$((round + 1))
   for s in $SERVERS; do
-    run_one "$w" "$s"
+    run_one "$round" "$w" "$s"
   done
 done
 
@@ -291,13 +296,13 @@ rows_path, runtime, ramp, layout = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(rows_path) if l.strip()]
 base = {}
 parsed = []
-for label, server, iops, mbps, cpu, window in rows:
+for round_, label, server, iops, mbps, cpu, window in rows:
     iops, mbps, cpu, window = float(iops), float(mbps), float(cpu), float(window)
     # IOs done while the CPU was sampled, per server CPU second.
     eff = iops * window / cpu if cpu > 0 else float("inf")
-    parsed.append((label, server, iops, mbps, cpu, eff))
+    parsed.append((round_, label, server, iops, mbps, cpu, eff))
     if server == "nbdkit":
-        base[label] = (iops, eff)
+        base[round_] = (iops, eff)
 
 def ratio(x, b):
     return f"{x / b:.2f}" if b and b != float("inf") and x != float("inf") else "-"
@@ -308,8 +313,8 @@ out = [
     "| workload | server | IOPS | MB/s | server CPU s | IOPS per server CPU-s | ratio to nbdkit (IOPS) | efficiency ratio to nbdkit |",
     "|---|---|---:|---:|---:|---:|---:|---:|",
 ]
-for label, server, iops, mbps, cpu, eff in parsed:
-    b = base.get(label)
+for round_, label, server, iops, mbps, cpu, eff in parsed:
+    b = base.get(round_)
     mb = f"{mbps:.0f}" if label.startswith("1M") else "-"
     e = f"{eff:,.0f}" if eff != float("inf") else "-"
     out.append(
