@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
@@ -56,9 +56,9 @@ impl NbdServer {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        let server = self.clone();
-                        let shutdown = shutdown.clone();
-                        self.tracker.spawn(async move { server.connection(stream, peer, shutdown).await });
+                        if let Err(e) = self.clone().start_thread(stream, peer, shutdown.clone()) {
+                            tracing::warn!(%peer, error = %e, "cannot start a thread for an NBD connection");
+                        }
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -72,6 +72,33 @@ impl NbdServer {
         drop(listener);
         self.tracker.close();
         self.tracker.wait().await;
+    }
+
+    /// Serves a connection on a thread of its own with a single-threaded runtime: the
+    /// socket's readiness, the request and its reply all happen on that thread, so no
+    /// request pays a wake-up across CPUs, and connections spread over the cores.
+    fn start_thread(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let stream = stream.into_std()?;
+        let token = self.tracker.token();
+        std::thread::Builder::new().name(format!("nbd {peer}")).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(async {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => self.connection(stream, peer, shutdown).await,
+                        Err(e) => tracing::warn!(%peer, error = %e, "cannot adopt an NBD connection"),
+                    }
+                }),
+                Err(e) => tracing::warn!(%peer, error = %e, "cannot start a runtime for an NBD connection"),
+            }
+            drop(token);
+        })?;
+        Ok(())
     }
 
     /// Serves one client connection from negotiation to hang-up (any byte stream: the
