@@ -569,19 +569,27 @@ impl Controller {
                 ),
             ));
         }
-        let mut exports = self.exports.write();
-        if let Some(existing) =
-            exports.values().find(|e| e.record.volume == record.volume || e.record.name == record.name)
         {
-            return Err(Failure::new(
-                FailureKind::Conflict,
-                format!(
-                    "volume '{}' is already exported as '{}'; remove that export first",
-                    existing.record.volume, existing.record.name
-                ),
-            ));
+            let exports = self.exports.read();
+            if let Some(existing) = exports.values().find(|e| e.record.volume == record.volume) {
+                return Err(Failure::new(
+                    FailureKind::Conflict,
+                    format!(
+                        "volume '{}' is already exported as '{}'; remove that export first",
+                        existing.record.volume, existing.record.name
+                    ),
+                ));
+            }
+            if let Some(existing) = exports.get(&record.name) {
+                return Err(Failure::new(
+                    FailureKind::Conflict,
+                    format!(
+                        "export name '{}' is taken by volume '{}'; choose another with --name",
+                        record.name, existing.record.volume
+                    ),
+                ));
+            }
         }
-        drop(exports);
         let volume = self.volume_io(&record.volume)?;
         let frontend = self.metrics.meter(Scope::nbd, &record.name, volume);
         let export = strata_nbd::Export {
@@ -590,8 +598,7 @@ impl Controller {
             device: frontend,
             read_only: record.read_only,
         };
-        exports = self.exports.write();
-        exports.insert(record.name.clone(), LiveExport { record, allow, export });
+        self.exports.write().insert(record.name.clone(), LiveExport { record, allow, export });
         Ok(())
     }
 

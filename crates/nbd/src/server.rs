@@ -17,6 +17,8 @@ use crate::transmission;
 
 /// How long a client may take to finish negotiation.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections served at once (each has a thread); more are refused at accept.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// An NBD server over a set of exports.
 pub struct NbdServer {
@@ -54,6 +56,10 @@ impl NbdServer {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) if self.connections() >= MAX_CONNECTIONS => {
+                        tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many NBD connections; refusing one");
+                        drop(stream);
+                    }
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         if let Err(e) = self.clone().start_thread(stream, peer, shutdown.clone()) {

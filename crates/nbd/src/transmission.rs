@@ -25,6 +25,9 @@ use crate::proto::{self, Request, cflag, chunk, cmd, errno};
 
 /// Requests in flight per connection; beyond it the connection stops reading.
 const MAX_IN_FLIGHT: usize = 128;
+/// Bytes of reads and writes in flight per connection; beyond it the connection stops
+/// reading, so a client cannot make the server hold 128 requests of 32 MiB each.
+const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// Read replies larger than this are written straight from their buffer, not copied.
 const COPY_LIMIT: usize = 64 << 10;
 /// Most descriptors in one block-status reply.
@@ -56,12 +59,16 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut in_flight: FuturesUnordered<Pending> = FuturesUnordered::new();
     let mut reading = !*shutdown.borrow();
     let mut writable = true;
+    let mut load = Load::default();
     let export = &session.export;
     loop {
-        while reading && in_flight.len() < MAX_IN_FLIGHT {
+        while reading && load.has_room() {
             match proto::decode_request(&mut input) {
                 Ok(Some(request)) if request.kind == cmd::DISC => reading = false,
-                Ok(Some(request)) => in_flight.push(start(export, &session, request)),
+                Ok(Some(request)) => {
+                    load.add(&request);
+                    in_flight.push(start(export, &session, request));
+                }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(export = %export.name, error = %e, "client broke framing; disconnecting");
@@ -70,6 +77,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         while let Some(Some((request, outcome))) = in_flight.next().now_or_never() {
+            load.remove(&request);
             if writable {
                 writable = reply(&mut writer, &mut output, &session, request, outcome).await;
             }
@@ -84,11 +92,12 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             Some((request, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                load.remove(&request);
                 if writable {
                     writable = reply(&mut writer, &mut output, &session, request, outcome).await;
                 }
             }
-            read = reader.read_buf(&mut input), if reading && in_flight.len() < MAX_IN_FLIGHT => {
+            read = reader.read_buf(&mut input), if reading && load.has_room() => {
                 if !matches!(read, Ok(n) if n > 0) {
                     reading = false;
                 }
@@ -102,6 +111,38 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if writable {
         let _ = writer.shutdown().await;
+    }
+}
+
+/// What a connection has in flight.
+#[derive(Default)]
+struct Load {
+    requests: usize,
+    bytes: u64,
+}
+
+impl Load {
+    /// Bytes a request holds while in flight: its payload or its read buffer.
+    fn weight(request: &Request) -> u64 {
+        match request.kind {
+            cmd::READ | cmd::WRITE => u64::from(request.length),
+            _ => 0,
+        }
+    }
+
+    fn add(&mut self, request: &Request) {
+        self.requests += 1;
+        self.bytes += Self::weight(request);
+    }
+
+    fn remove(&mut self, request: &Request) {
+        self.requests -= 1;
+        self.bytes -= Self::weight(request);
+    }
+
+    /// Whether another request may start (one always may when none is in flight).
+    fn has_room(&self) -> bool {
+        self.requests == 0 || (self.requests < MAX_IN_FLIGHT && self.bytes < MAX_IN_FLIGHT_BYTES)
     }
 }
 

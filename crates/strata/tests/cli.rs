@@ -108,10 +108,18 @@ fn json_output_has_stable_field_names_and_tables_are_for_people() {
     assert!(server.ok(&["status"]).contains("Volumes  1 (1 healthy"));
     // Deleting an exported volume is refused until the export goes.
     server.ok(&["export", "add", "m", "--nbd"]);
+    let out = server.cli(&["export", "add", "m", "--nbd"]);
+    assert!(stderr(&out).contains("already exported as 'm'"), "{}", stderr(&out));
+    server.ok(&["volume", "create", "m2", "--size", "4M"]);
+    let out = server.cli(&["export", "add", "m2", "--nbd", "--name", "m"]);
+    assert!(stderr(&out).contains("taken by volume 'm'"), "{}", stderr(&out));
+    let out = server.cli(&["export", "add", "m2"]);
+    assert!(stderr(&out).contains("--nbd"), "{}", stderr(&out));
     let out = server.cli(&["volume", "delete", "m"]);
     assert!(stderr(&out).contains("remove the export first"), "{}", stderr(&out));
     server.ok(&["export", "remove", "m"]);
     server.ok(&["volume", "delete", "m"]);
+    server.ok(&["volume", "delete", "m2"]);
     assert_eq!(server.json(&["volume", "list"]), serde_json::json!([]));
 }
 
