@@ -664,16 +664,14 @@ impl Controller {
         Ok(())
     }
 
-    /// Flushes and closes every volume: after this no request reaches a device, and all
-    /// that was written is durable.
+    /// Shuts every volume down cleanly: after this no request reaches a device, all that
+    /// was written is durable, and the next start resyncs nothing.
     pub async fn shut_down(&self) {
         let Some(pool) = self.pool() else { return };
         for volume in pool.volumes() {
-            let tree = volume.io();
-            if let Err(e) = tree.flush().await {
+            if let Err(e) = volume.io().shut_down().await {
                 tracing::error!(volume = %volume.name(), error = %e, "final flush failed");
             }
-            tree.close().await;
         }
     }
 

@@ -53,3 +53,44 @@ fn sigterm_stops_cleanly_and_everything_is_found_again() {
     assert!(server.log().contains("pool found"), "{}", server.log());
     qemu_io(&server.uri("m"), &["read -P 0x3c 0 4M"]);
 }
+
+#[test]
+fn sigterm_under_load_drains_and_leaves_nothing_to_resync() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(2, "256M");
+    let uri = server.volume("busy", "64M", "mirror");
+    let mut fio = std::process::Command::new("fio")
+        .args(["--name=load", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=randwrite", "--bs=64k"])
+        .args(["--iodepth=16", "--time_based", "--runtime=20", "--verify_state_save=0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = server.terminate();
+    let _ = fio.kill();
+    let _ = fio.wait();
+    assert!(status.success(), "exit status {status}");
+    let server = Server::start(&dir);
+    let log = server.log();
+    assert!(!log.contains("resynced dirty regions"), "a clean shutdown left dirty regions:\n{log}");
+    assert_eq!(server.json(&["volume", "show", "busy"])["state"], "healthy");
+}
+
+#[test]
+fn demo_makes_a_raid10_volume_and_reuses_it() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start_with(&dir, &["--demo"]);
+    let demo = server.json(&["volume", "show", "demo"]);
+    assert_eq!((demo["layout"].as_str(), demo["size_bytes"].as_u64()), (Some("raid10"), Some(1 << 30)));
+    assert_eq!(server.json(&["device", "list"]).as_array().unwrap().len(), 4);
+    qemu_io(&server.uri("demo"), &["write -P 0x2d 0 1M"]);
+    let info = common::run("qemu-img", &["info", &server.uri("demo")]);
+    assert!(info.contains("1 GiB"), "{info}");
+    drop(server);
+    let server = Server::start_with(&dir, &["--demo"]);
+    assert_eq!(server.json(&["volume", "show", "demo"])["id"], demo["id"], "the demo volume is reused");
+    assert_eq!(server.json(&["device", "list"]).as_array().unwrap().len(), 4);
+    qemu_io(&server.uri("demo"), &["read -P 0x2d 0 1M"]);
+}

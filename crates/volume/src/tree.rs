@@ -318,6 +318,17 @@ impl Tree {
         }
     }
 
+    /// Stops the tree for a clean shutdown: closes it as [`Tree::close`] does, then
+    /// flushes twice. The first flush makes every write durable; the second clears the
+    /// write-intent regions the first one could not (a region is cleared only by a flush
+    /// issued after the one that followed its last write), so the next open resyncs
+    /// nothing.
+    pub async fn shut_down(&self) -> Result<(), IoError> {
+        self.close().await;
+        self.root.flush().await?;
+        self.root.flush().await
+    }
+
     /// Admits a request unless the tree is closed.
     fn begin(&self) -> Result<Active<'_>, IoError> {
         self.active.fetch_add(1, Ordering::SeqCst);
