@@ -7,8 +7,8 @@
 #   - qemu-nbd raw, --aio=threads, default cache (writeback), over the same $DIR/peer.img
 #   - strata   a 1 GiB volume (LAYOUT: linear on one 2 GiB device file, or raid10 on four
 #              1 GiB device files in different fault domains) under $DIR/strata/devices
-# Workloads: 4k randread QD1, 4k randread QD32, 4k randwrite QD32, 1M seq read QD8,
-# 1M seq write QD8. For each workload the servers run back to back (nbdkit, qemu-nbd,
+# Workloads: 4k randread QD1, 4k randread QD32, 4k randwrite QD32, the same two held at
+# 30k IOPS, 1M seq read QD8, 1M seq write QD8. For each workload the servers run back to back (nbdkit, qemu-nbd,
 # strata), so drift in the machine's speed hits all of them alike.
 #
 # For every run it reports fio's IOPS (and MB/s for 1M rows), the CPU seconds the server
@@ -33,7 +33,8 @@
 #             `cargo build --release -p strata` if missing)
 #   SERVERS   servers to run, in order (default "nbdkit qemu-nbd strata")
 #   WORKLOADS workloads to run by name (default all: rr4k-qd1 rr4k-qd32 rw4k-qd32
-#             sr1m-qd8 sw1m-qd8)
+#             rr4k-qd32-30k rw4k-qd32-30k sr1m-qd8 sw1m-qd8; the -30k ones are held at
+#             30k IOPS, so every server does the same work and CPU per request compares)
 #   OUT       also write the markdown table to this file
 #   NBDKIT_PORT, QEMU_PORT, STRATA_NBD_PORT, STRATA_API_PORT
 #             listen ports (default 20810, 20811, 20809, 17480), all on 127.0.0.1
@@ -49,7 +50,7 @@ LAYOUT="${LAYOUT:-linear}"
 DIR="${DIR:-/dev/shm/strata-bench}"
 STRATA="${STRATA:-$ROOT/target/release/strata}"
 SERVERS="${SERVERS:-nbdkit qemu-nbd strata}"
-WORKLOADS="${WORKLOADS:-rr4k-qd1 rr4k-qd32 rw4k-qd32 sr1m-qd8 sw1m-qd8}"
+WORKLOADS="${WORKLOADS:-rr4k-qd1 rr4k-qd32 rw4k-qd32 rr4k-qd32-30k rw4k-qd32-30k sr1m-qd8 sw1m-qd8}"
 OUT="${OUT:-}"
 NBDKIT_PORT="${NBDKIT_PORT:-20810}"
 QEMU_PORT="${QEMU_PORT:-20811}"
@@ -220,9 +221,13 @@ pid_of() {
 }
 
 # --- workloads -------------------------------------------------------------------------
-# name -> "label rw bs iodepth"
+# name -> "label|rw|bs|iodepth|rate". A rate (IOPS fio asks for, below what every server
+# reaches) makes every server do the same work, so its CPU seconds compare cost per request
+# directly; unlimited runs saturate the server, whose CPU is then capped by what fio leaves.
 workload() {
   case "$1" in
+    rr4k-qd32-30k) echo "4k randread QD32 at 30k IOPS|randread|4k|32|30000" ;;
+    rw4k-qd32-30k) echo "4k randwrite QD32 at 30k IOPS|randwrite|4k|32|30000" ;;
     rr4k-qd1) echo "4k randread QD1|randread|4k|1" ;;
     rr4k-qd32) echo "4k randread QD32|randread|4k|32" ;;
     rw4k-qd32) echo "4k randwrite QD32|randwrite|4k|32" ;;
@@ -237,16 +242,16 @@ now() { date +%s.%N; }
 
 # One fio run against one server; appends a row to $ROWS.
 run_one() { # round workload server
-  local round="$1" spec label rw bs qd server="$3" pid uri json c0 c1 t0 t1
+  local round="$1" spec label rw bs qd rate server="$3" pid uri json c0 c1 t0 t1
   shift
   spec="$(workload "$1")"
-  IFS='|' read -r label rw bs qd <<<"$spec"
+  IFS='|' read -r label rw bs qd rate <<<"$spec"
   pid="$(pid_of "$server")"
   uri="$(uri_of "$server")"
   json="$DIR/fio/$round-$1-$server.json"
   log "$label: $server"
   fio --name=w --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
-    --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+    --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" ${rate:+--rate_iops="$rate"} \
     --output-format=json --output="$json" >"$DIR/logs/fio.log" 2>&1 &
   FIO_PID=$!
   # The server's CPU is sampled from the end of the ramp until fio exits.

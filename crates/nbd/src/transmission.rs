@@ -10,7 +10,6 @@
 //! dropping a write half-way); replies are sent while the socket still takes them.
 
 use std::future::Future;
-use std::pin::Pin;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
@@ -45,18 +44,15 @@ enum Outcome {
     Failed(u32, String),
 }
 
-type Pending = Pin<Box<dyn Future<Output = (Request, Outcome)> + Send>>;
-
 /// Serves requests until the client leaves or `shutdown` turns true.
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
+    mut stream: S,
     session: Negotiated,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut input = BytesMut::with_capacity(256 << 10);
     let mut output = BytesMut::with_capacity(64 << 10);
-    let mut in_flight: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut in_flight = FuturesUnordered::new();
     let mut reading = !*shutdown.borrow();
     let mut writable = true;
     let mut load = Load::default();
@@ -79,11 +75,11 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         while let Some(Some((request, outcome))) = in_flight.next().now_or_never() {
             load.remove(&request);
             if writable {
-                writable = reply(&mut writer, &mut output, &session, request, outcome).await;
+                writable = reply(&mut stream, &mut output, &session, request, outcome).await;
             }
         }
         if writable && !output.is_empty() {
-            writable = writer.write_all(&output).await.is_ok();
+            writable = stream.write_all(&output).await.is_ok();
             output.clear();
         }
         if !reading && in_flight.is_empty() {
@@ -94,10 +90,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             Some((request, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                 load.remove(&request);
                 if writable {
-                    writable = reply(&mut writer, &mut output, &session, request, outcome).await;
+                    writable = reply(&mut stream, &mut output, &session, request, outcome).await;
                 }
             }
-            read = reader.read_buf(&mut input), if reading && load.has_room() => {
+            read = stream.read_buf(&mut input), if reading && load.has_room() => {
                 if !matches!(read, Ok(n) if n > 0) {
                     reading = false;
                 }
@@ -110,7 +106,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     if writable {
-        let _ = writer.shutdown().await;
+        let _ = stream.shutdown().await;
     }
 }
 
@@ -147,10 +143,14 @@ impl Load {
 }
 
 /// Checks `request` and starts it; a refused request completes at once with its errno.
-fn start(export: &Export, session: &Negotiated, request: Request) -> Pending {
+fn start(
+    export: &Export,
+    session: &Negotiated,
+    request: Request,
+) -> impl Future<Output = (Request, Outcome)> + Send + use<> {
     let check = check(export, session, &request);
     let device = export.device.clone();
-    Box::pin(async move {
+    async move {
         if let Err((code, message)) = check {
             return (request, Outcome::Failed(code, message));
         }
@@ -180,7 +180,7 @@ fn start(export: &Export, session: &Negotiated, request: Request) -> Pending {
         };
         let outcome = result.unwrap_or_else(|e| Outcome::Failed(io_errno(&e), e.to_string()));
         (request, outcome)
-    })
+    }
 }
 
 async fn then_flush(
