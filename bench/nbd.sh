@@ -8,8 +8,8 @@
 #   - strata   a 1 GiB volume (LAYOUT: linear on one 2 GiB device file, or raid10 on four
 #              1 GiB device files in different fault domains) under $DIR/strata/devices
 # Workloads: 4k randread QD1, 4k randread QD32, 4k randwrite QD32, the same two held at
-# 30k IOPS, 1M seq read QD8, 1M seq write QD8. For each workload the servers run back to back (nbdkit, qemu-nbd,
-# strata), so drift in the machine's speed hits all of them alike.
+# 30k IOPS, 1M seq read QD8, 1M seq write QD8. For each workload the servers run back to
+# back (nbdkit, qemu-nbd, strata), so drift in the machine's speed hits all of them alike.
 #
 # For every run it reports fio's IOPS (and MB/s for 1M rows), the CPU seconds the server
 # process used (utime+stime from /proc/PID/stat, all threads) over the measured part of
