@@ -67,6 +67,12 @@ pub struct FileDevice {
     nowait_writes: AtomicBool,
 }
 
+/// Largest read run on the calling thread even when it cannot block: a bigger copy goes to
+/// the blocking pool, so the caller (an NBD connection, say) goes on sending earlier replies
+/// meanwhile and the copy can use another core. Writes stay inline at any size: their data
+/// was just received on the calling thread, and copying it costs less than a hand-off.
+const INLINE_LIMIT: u64 = 128 << 10;
+
 /// `statfs` magic numbers of file systems that keep their data in memory.
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
@@ -146,7 +152,7 @@ impl FileDevice {
         len: u64,
         f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
     ) -> Result<T, IoError> {
-        if self.memory_backed {
+        if self.memory_backed && (op != IoOp::Read || len <= INLINE_LIMIT) {
             return f(&self.file).map_err(|e| self.os_error(op, offset, len, e));
         }
         let _slot = self.slots.acquire().await.expect("semaphore is never closed");
@@ -161,7 +167,7 @@ impl FileDevice {
     /// Reads all of `buf` on this thread if that needs no waiting. `Some(Ok)` when done,
     /// `None` when the blocking pool must do it (nothing cached, short read, unsupported).
     fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        if !self.nowait_reads.load(Ordering::Relaxed) {
+        if !self.nowait_reads.load(Ordering::Relaxed) || buf.len() as u64 > INLINE_LIMIT {
             return None;
         }
         match preadv2(&*self.file, &mut [io::IoSliceMut::new(buf)], offset, ReadWriteFlags::NOWAIT) {

@@ -208,7 +208,22 @@ async fn status(State(state): Shared) -> Answer {
         },
         "exports": c.exports().len(),
         "nbd_connections": state.nbd.connections(),
+        "startup": startup(c.discovery()),
     }))
+}
+
+/// What start-up found that an operator should look at.
+fn startup(d: &strata_pool::Discovery) -> Value {
+    let pairs = |list: &[(String, String)], key: &str| -> Vec<Value> {
+        list.iter().map(|(name, why)| json!({ key: name, "reason": why })).collect()
+    };
+    json!({
+        "damaged_devices": pairs(&d.damaged, "device"),
+        "foreign_devices": d.foreign.iter().map(|(name, pool)| json!({ "device": name, "pool": pool })).collect::<Vec<_>>(),
+        "missing_devices": d.missing,
+        "failed_volumes": pairs(&d.failed_volumes, "volume"),
+        "repaired": d.repaired,
+    })
 }
 
 async fn list_devices(State(state): Shared) -> Answer {

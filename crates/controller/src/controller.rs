@@ -188,8 +188,8 @@ pub struct Controller {
     pub metrics: Metrics,
     /// Where the NBD server listens, once it does.
     pub nbd_addr: OnceLock<SocketAddr>,
-    /// The pool found at start-up, and what the scan found, for the log and status.
-    pub discovery: parking_lot::Mutex<Option<strata_pool::Discovery>>,
+    /// What the scan of the devices found at start-up, for status.
+    discovery: strata_pool::Discovery,
 }
 
 /// Reads or makes the API token of `data_dir` (mode 0600).
@@ -230,18 +230,7 @@ impl Controller {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
             Err(e) => return Err(format!("cannot read {}: {e}", state_path.display())),
         };
-        let controller = Arc::new(Self {
-            data_dir: data_dir.to_path_buf(),
-            file_options,
-            pool_name,
-            pool: parking_lot::RwLock::new(None),
-            saved: tokio::sync::Mutex::new(saved.clone()),
-            exports: parking_lot::RwLock::new(BTreeMap::new()),
-            metered_volumes: parking_lot::Mutex::new(BTreeMap::new()),
-            metrics: Metrics::default(),
-            nbd_addr: OnceLock::new(),
-            discovery: parking_lot::Mutex::new(None),
-        });
+        let metrics = Metrics::default();
         let mut paths =
             scan_dir(&devices_dir).map_err(|e| format!("cannot list {}: {e}", devices_dir.display()))?;
         for p in &saved.device_paths {
@@ -253,11 +242,8 @@ impl Controller {
         let mut unopened = Vec::new();
         for path in &paths {
             let name = path.display().to_string();
-            match FileDevice::open(path, &controller.file_options) {
-                Ok(device) => {
-                    let device = controller.metrics.meter(Scope::device, &name, device);
-                    candidates.push((name, device));
-                }
+            match FileDevice::open(path, &file_options) {
+                Ok(device) => candidates.push((name.clone(), metrics.meter(Scope::device, &name, device))),
                 Err(e) => unopened.push((name, format!("cannot be opened: {e}"))),
             }
         }
@@ -281,8 +267,18 @@ impl Controller {
                 "pool found"
             );
         }
-        *controller.pool.write() = pool.map(Arc::new);
-        *controller.discovery.lock() = Some(report);
+        let controller = Arc::new(Self {
+            data_dir: data_dir.to_path_buf(),
+            file_options,
+            pool_name,
+            pool: parking_lot::RwLock::new(pool.map(Arc::new)),
+            saved: tokio::sync::Mutex::new(saved.clone()),
+            exports: parking_lot::RwLock::new(BTreeMap::new()),
+            metered_volumes: parking_lot::Mutex::new(BTreeMap::new()),
+            metrics,
+            nbd_addr: OnceLock::new(),
+            discovery: report,
+        });
         for record in saved.exports {
             if let Err(e) = controller.start_export(record.clone()) {
                 tracing::error!(volume = %record.volume, error = %e.message, "export not served");
@@ -294,6 +290,12 @@ impl Controller {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// What the scan of the devices found at start-up: devices left untouched (damaged,
+    /// foreign), configured devices not found, volumes not served, repairs made.
+    pub fn discovery(&self) -> &strata_pool::Discovery {
+        &self.discovery
     }
 
     /// The pool, if one exists.

@@ -27,6 +27,8 @@ const MAX_IN_FLIGHT: usize = 128;
 /// Bytes of reads and writes in flight per connection; beyond it the connection stops
 /// reading, so a client cannot make the server hold 128 requests of 32 MiB each.
 const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
+/// Bytes the read buffer has free before each read from the socket.
+const READ_ROOM: usize = 256 << 10;
 /// Read replies larger than this are written straight from their buffer, not copied.
 const COPY_LIMIT: usize = 64 << 10;
 /// Most descriptors in one block-status reply.
@@ -50,7 +52,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     session: Negotiated,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut input = BytesMut::with_capacity(256 << 10);
+    let mut input = BytesMut::with_capacity(READ_ROOM);
     let mut output = BytesMut::with_capacity(64 << 10);
     let mut in_flight = FuturesUnordered::new();
     let mut reading = !*shutdown.borrow();
@@ -81,6 +83,11 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if writable && !output.is_empty() {
             writable = stream.write_all(&output).await.is_ok();
             output.clear();
+        }
+        if input.capacity() - input.len() < READ_ROOM / 4 {
+            // Room for a whole batch of requests per read() (the payloads split off
+            // earlier keep the old space until their writes finish).
+            input.reserve(READ_ROOM);
         }
         if !reading && in_flight.is_empty() {
             break;

@@ -32,6 +32,24 @@ pub async fn run(cli: &Cli) -> Result<(), String> {
                     v["total"], v["healthy"], v["degraded"], v["failed"]
                 );
                 println!("Exports  {}", s["exports"]);
+                let startup = &s["startup"];
+                for (key, what) in [
+                    ("damaged_devices", "damaged device, left untouched"),
+                    ("foreign_devices", "device of another pool, left untouched"),
+                    ("failed_volumes", "volume not served"),
+                ] {
+                    for item in startup[key].as_array().into_iter().flatten() {
+                        let name = item["device"].as_str().or(item["volume"].as_str()).unwrap_or("?");
+                        let why = match item["reason"].as_str() {
+                            Some(reason) => reason.to_string(),
+                            None => format!("pool {}", text(&item["pool"])),
+                        };
+                        println!("Warning  {what}: {name} ({why})");
+                    }
+                }
+                for id in startup["missing_devices"].as_array().into_iter().flatten() {
+                    println!("Warning  device {} is missing", text(id));
+                }
             });
         }
         Command::Device(command) => device(&api, &out, command).await?,

@@ -94,3 +94,26 @@ fn demo_makes_a_raid10_volume_and_reuses_it() {
     assert_eq!(server.json(&["device", "list"]).as_array().unwrap().len(), 4);
     qemu_io(&server.uri("demo"), &["read -P 0x2d 0 1M"]);
 }
+
+#[test]
+fn a_missing_device_is_reported_and_its_mirror_still_serves() {
+    let (tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    let (a, b) = (tmp.path().join("a.img"), tmp.path().join("b.img"));
+    for path in [&a, &b] {
+        server.ok(&["device", "add", path.to_str().unwrap(), "--create", "128M"]);
+    }
+    let uri = server.volume("m", "16M", "mirror");
+    qemu_io(&uri, &["write -P 0x71 0 2M", "flush"]);
+    server.kill9();
+    std::fs::remove_file(&b).unwrap();
+
+    let server = Server::start(&dir);
+    let status = server.json(&["status"]);
+    assert_eq!(status["startup"]["missing_devices"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["volumes"]["degraded"], 1, "{status}");
+    assert_eq!(status["devices"]["missing"], 1, "{status}");
+    let text = server.ok(&["status"]);
+    assert!(text.contains("is missing") && text.contains("b.img"), "{text}");
+    qemu_io(&server.uri("m"), &["read -P 0x71 0 2M", "write -P 0x72 4M 1M", "read -P 0x72 4M 1M"]);
+}
