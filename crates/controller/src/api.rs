@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use strata_nbd::NbdServer;
 use strata_volume::{Layout, VolumeRequest};
 
-use crate::controller::{Controller, ExportRecord, Failure, FailureKind};
+use crate::controller::Controller;
+use crate::exports::ExportRecord;
+use crate::failure::{Failure, FailureKind};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("../openapi.json");

@@ -6,7 +6,7 @@
 //! devices added from outside it, and the exports (`controller.json`, replaced atomically).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -15,6 +15,8 @@ use strata_block::{BlockIo, FileDevice, FileOptions};
 use strata_pool::{DeviceInfo, Inspection, Pool, PoolError, PoolOptions, VolumeInfo, inspect, scan_dir};
 use strata_volume::{Layout, Location, NodeSpec, VolumeRequest};
 
+use crate::exports::{ExportRecord, ExportView, LiveExport, Network};
+use crate::failure::{Failure, FailureKind};
 use crate::metrics::{Metered, Metrics, Scope};
 
 /// The file in the data directory with what is not kept on the devices.
@@ -23,87 +25,6 @@ const STATE_FILE: &str = "controller.json";
 pub const TOKEN_FILE: &str = "token";
 /// The folder of device files made by the controller.
 pub const DEVICES_DIR: &str = "devices";
-
-/// Why a management request failed; the kind picks the HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// What went wrong, in the operator's terms.
-    pub kind: FailureKind,
-    /// One line saying what to do.
-    pub message: String,
-}
-
-/// Classes of failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The request is malformed or impossible.
-    BadRequest,
-    /// It names something that does not exist.
-    NotFound,
-    /// It conflicts with what exists.
-    Conflict,
-    /// The controller or a device failed.
-    Internal,
-}
-
-impl Failure {
-    /// A failure of `kind`.
-    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
-    }
-}
-
-impl From<PoolError> for Failure {
-    fn from(e: PoolError) -> Self {
-        let kind = match &e {
-            PoolError::Layout(_)
-            | PoolError::BadName(_)
-            | PoolError::TooSmall { .. }
-            | PoolError::Option(_) => FailureKind::BadRequest,
-            PoolError::NoSuchVolume(_) | PoolError::NoSuchDevice(_) => FailureKind::NotFound,
-            PoolError::VolumeExists(_)
-            | PoolError::AlreadyClaimed { .. }
-            | PoolError::DamagedLabel { .. }
-            | PoolError::DeviceInUse { .. }
-            | PoolError::ConfigTooLarge { .. }
-            | PoolError::NoDevices => FailureKind::Conflict,
-            _ => FailureKind::Internal,
-        };
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        Failure { kind, message }
-    }
-}
-
-/// How a volume is offered to hosts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExportRecord {
-    /// The volume.
-    pub volume: String,
-    /// Frontend protocol (`nbd`).
-    pub protocol: String,
-    /// Name clients ask for.
-    pub name: String,
-    /// Refuse writes.
-    pub read_only: bool,
-    /// Client addresses or networks (`10.0.0.5`, `10.0.0.0/24`) that may use it; empty
-    /// means every client.
-    pub allow: Vec<String>,
-}
-
-/// What listings show of an export.
-#[derive(Clone, Debug, Serialize)]
-pub struct ExportView {
-    /// The export's settings.
-    #[serde(flatten)]
-    pub record: ExportRecord,
-    /// Where a client connects.
-    pub uri: Option<String>,
-}
 
 /// What `controller.json` keeps.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -116,63 +37,6 @@ struct Saved {
     exports: Vec<ExportRecord>,
 }
 
-/// An IP network in an allow-list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Network {
-    addr: IpAddr,
-    prefix: u32,
-}
-
-impl Network {
-    fn parse(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = match text.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("'{text}' is not an IP address or network (10.0.0.0/24)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("'{text}': the prefix length must be a number from 0 to {max}"))?,
-            None => max,
-        };
-        Ok(Self { addr, prefix })
-    }
-
-    fn contains(&self, client: IpAddr) -> bool {
-        let client = match client {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(client),
-            v4 => v4,
-        };
-        let bits = |a: IpAddr| -> u128 {
-            match a {
-                IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
-                IpAddr::V6(v6) => u128::from(v6),
-            }
-        };
-        if self.addr.is_ipv4() != client.is_ipv4() {
-            return false;
-        }
-        // IPv4 sits in the top 32 bits, so both families mask their top `prefix` bits.
-        let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
-        bits(self.addr) & mask == bits(client) & mask
-    }
-}
-
-/// An export being served.
-struct LiveExport {
-    record: ExportRecord,
-    allow: Vec<Network>,
-    export: strata_nbd::Export,
-}
-
 /// The controller's state.
 pub struct Controller {
     data_dir: PathBuf,
@@ -181,7 +45,7 @@ pub struct Controller {
     pool: parking_lot::RwLock<Option<Arc<Pool>>>,
     /// Serializes management changes and guards what `controller.json` holds.
     saved: tokio::sync::Mutex<Saved>,
-    exports: parking_lot::RwLock<BTreeMap<String, LiveExport>>,
+    pub(crate) exports: parking_lot::RwLock<BTreeMap<String, LiveExport>>,
     /// Each volume's block device with its metrics, shared by every export of it.
     metered_volumes: parking_lot::Mutex<BTreeMap<String, Arc<Metered>>>,
     /// Metrics of every level.
@@ -705,47 +569,4 @@ pub struct ScanEntry {
     pub state: String,
     /// Device id, owning pool, or what is wrong.
     pub detail: String,
-}
-
-impl strata_nbd::Exports for Controller {
-    fn lookup(&self, name: &str, client: IpAddr) -> Option<strata_nbd::Export> {
-        let exports = self.exports.read();
-        let allowed = |e: &&LiveExport| e.allow.is_empty() || e.allow.iter().any(|n| n.contains(client));
-        if name.is_empty() {
-            // The default export: the only one this client may see.
-            let mut visible = exports.values().filter(allowed);
-            let first = visible.next()?;
-            return visible.next().is_none().then(|| first.export.clone());
-        }
-        exports.get(name).filter(allowed).map(|e| e.export.clone())
-    }
-
-    fn list(&self, client: IpAddr) -> Vec<strata_nbd::Export> {
-        let exports = self.exports.read();
-        exports
-            .values()
-            .filter(|e| e.allow.is_empty() || e.allow.iter().any(|n| n.contains(client)))
-            .map(|e| e.export.clone())
-            .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allow_lists_match_addresses_and_networks() {
-        let net = Network::parse("10.1.0.0/16").unwrap();
-        assert!(net.contains("10.1.200.3".parse().unwrap()));
-        assert!(!net.contains("10.2.0.1".parse().unwrap()));
-        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()), "v4-mapped clients match v4 rules");
-        let host = Network::parse("127.0.0.1").unwrap();
-        assert!(host.contains("127.0.0.1".parse().unwrap()) && !host.contains("127.0.0.2".parse().unwrap()));
-        assert!(Network::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
-        assert!(Network::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
-        for bad in ["10.0.0.0/33", "host", "10.0.0.1/x", ""] {
-            assert!(Network::parse(bad).is_err(), "{bad}");
-        }
-    }
 }

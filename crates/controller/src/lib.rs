@@ -9,6 +9,8 @@
 pub mod api;
 pub mod config;
 pub mod controller;
+pub mod exports;
+pub mod failure;
 pub mod metrics;
 pub mod serve;
 pub mod size;
