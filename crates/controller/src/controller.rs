@@ -176,6 +176,11 @@ impl Controller {
         })
     }
 
+    /// The pool, for a request about volume `name`: without a pool there is no such volume.
+    fn pool_with(&self, name: &str) -> Result<Arc<Pool>, Failure> {
+        self.pool().ok_or_else(|| PoolError::NoSuchVolume(name.into()).into())
+    }
+
     async fn save(&self, saved: &Saved) -> Result<(), Failure> {
         let path = self.data_dir.join(STATE_FILE);
         let tmp = self.data_dir.join(format!("{STATE_FILE}.tmp"));
@@ -338,7 +343,7 @@ impl Controller {
 
     /// One volume with its tree.
     pub async fn volume(&self, name: &str) -> Result<(VolumeInfo, NodeSpec), Failure> {
-        let pool = self.require_pool().map_err(|_| Failure::from(PoolError::NoSuchVolume(name.into())))?;
+        let pool = self.pool_with(name)?;
         let volume = pool.volume(name).ok_or_else(|| PoolError::NoSuchVolume(name.into()))?;
         let spec = pool.volume_spec(name).await.ok_or_else(|| PoolError::NoSuchVolume(name.into()))?;
         Ok((volume.info(), spec))
@@ -365,7 +370,7 @@ impl Controller {
                 ),
             ));
         }
-        let pool = self.require_pool().map_err(|_| Failure::from(PoolError::NoSuchVolume(name.into())))?;
+        let pool = self.pool_with(name)?;
         pool.delete_volume(name).await?;
         self.metered_volumes.lock().remove(name);
         tracing::info!(volume = %name, "volume deleted");
@@ -374,7 +379,7 @@ impl Controller {
 
     /// Where byte `offset` of a volume is stored.
     pub async fn map(&self, name: &str, offset: u64) -> Result<Vec<Location>, Failure> {
-        let pool = self.require_pool().map_err(|_| Failure::from(PoolError::NoSuchVolume(name.into())))?;
+        let pool = self.pool_with(name)?;
         pool.map(name, offset).await?.ok_or_else(|| {
             let size = pool.volume(name).map(|v| v.info().size_bytes).unwrap_or(0);
             Failure::new(
@@ -385,7 +390,7 @@ impl Controller {
     }
 
     fn volume_io(&self, name: &str) -> Result<Arc<Metered>, Failure> {
-        let pool = self.require_pool().map_err(|_| Failure::from(PoolError::NoSuchVolume(name.into())))?;
+        let pool = self.pool_with(name)?;
         let volume = pool.volume(name).ok_or_else(|| PoolError::NoSuchVolume(name.into()))?;
         let mut metered = self.metered_volumes.lock();
         Ok(metered
