@@ -46,6 +46,9 @@ pub struct Controller {
     /// Serializes management changes and guards what `controller.json` holds.
     saved: tokio::sync::Mutex<Saved>,
     pub(crate) exports: parking_lot::RwLock<BTreeMap<String, LiveExport>>,
+    /// Recorded exports that could not be served at start-up, and why (their volume did
+    /// not open, say); kept so they come back once the cause is mended.
+    unserved: parking_lot::Mutex<Vec<(ExportRecord, String)>>,
     /// Each volume's block device with its metrics, shared by every export of it.
     metered_volumes: parking_lot::Mutex<BTreeMap<String, Arc<Metered>>>,
     /// Metrics of every level.
@@ -138,6 +141,7 @@ impl Controller {
             pool: parking_lot::RwLock::new(pool.map(Arc::new)),
             saved: tokio::sync::Mutex::new(saved.clone()),
             exports: parking_lot::RwLock::new(BTreeMap::new()),
+            unserved: parking_lot::Mutex::new(Vec::new()),
             metered_volumes: parking_lot::Mutex::new(BTreeMap::new()),
             metrics,
             nbd_addr: OnceLock::new(),
@@ -146,6 +150,7 @@ impl Controller {
         for record in saved.exports {
             if let Err(e) = controller.start_export(record.clone()) {
                 tracing::error!(volume = %record.volume, error = %e.message, "export not served");
+                controller.unserved.lock().push((record, e.message));
             }
         }
         Ok(controller)
@@ -404,14 +409,20 @@ impl Controller {
     /// Every export.
     pub fn exports(&self) -> Vec<ExportView> {
         let nbd = self.nbd_addr.get();
-        self.exports
-            .read()
-            .values()
-            .map(|e| ExportView {
-                record: e.record.clone(),
-                uri: nbd.map(|addr| format!("nbd://{addr}/{}", e.record.name)),
-            })
-            .collect()
+        let exports = self.exports.read();
+        let live = exports.values().map(|e| ExportView {
+            record: e.record.clone(),
+            uri: nbd.map(|addr| format!("nbd://{addr}/{}", e.record.name)),
+            served: true,
+            problem: None,
+        });
+        let unserved = self.unserved.lock().clone().into_iter().map(|(record, why)| ExportView {
+            record,
+            uri: None,
+            served: false,
+            problem: Some(why),
+        });
+        live.chain(unserved).collect()
     }
 
     /// Serves `record` from now on (without saving it).
@@ -493,6 +504,14 @@ impl Controller {
         let mut saved = self.saved.lock().await;
         let name =
             self.exports.read().values().find(|e| e.record.volume == volume).map(|e| e.record.name.clone());
+        let unserved = self.unserved.lock().iter().any(|(r, _)| r.volume == volume);
+        if name.is_none() && unserved {
+            saved.exports.retain(|e| e.volume != volume);
+            self.save(&saved).await?;
+            self.unserved.lock().retain(|(r, _)| r.volume != volume);
+            tracing::info!(%volume, "export that was not served removed");
+            return Ok(());
+        }
         let Some(name) = name else {
             return Err(Failure::new(
                 FailureKind::NotFound,

@@ -31,6 +31,10 @@ pub struct ExportView {
     pub record: ExportRecord,
     /// Where a client connects.
     pub uri: Option<String>,
+    /// Being served now.
+    pub served: bool,
+    /// Why it is not served.
+    pub problem: Option<String>,
 }
 
 /// An IP network in an allow-list.

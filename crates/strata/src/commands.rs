@@ -169,6 +169,7 @@ async fn export(api: &ApiClient, out: &Output, command: &ExportCommand) -> Resul
                 ("PROTOCOL", Field::Text("protocol")),
                 ("NAME", Field::Text("name")),
                 ("URI", Field::Text("uri")),
+                ("SERVED", Field::Text("served")),
                 ("READ-ONLY", Field::Text("read_only")),
                 ("ALLOW", Field::List("allow")),
             ],

@@ -105,6 +105,7 @@ fn a_missing_device_is_reported_and_its_mirror_still_serves() {
     }
     let uri = server.volume("m", "16M", "mirror");
     qemu_io(&uri, &["write -P 0x71 0 2M", "flush"]);
+    server.volume("s", "16M", "stripe");
     server.kill9();
     std::fs::remove_file(&b).unwrap();
 
@@ -116,4 +117,29 @@ fn a_missing_device_is_reported_and_its_mirror_still_serves() {
     let text = server.ok(&["status"]);
     assert!(text.contains("is missing") && text.contains("b.img"), "{text}");
     qemu_io(&server.uri("m"), &["read -P 0x71 0 2M", "write -P 0x72 4M 1M", "read -P 0x72 4M 1M"]);
+    // The stripe needs both devices: it is failed, and IO to it is refused.
+    assert_eq!(server.json(&["volume", "show", "s"])["state"], "failed");
+    let read = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 1M", &server.uri("s")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&read.stdout).to_string() + &String::from_utf8_lossy(&read.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    server.kill9();
+
+    // An export recorded for a volume that is not there is listed as not served.
+    let state = dir.join("controller.json");
+    let mut saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let mut ghost = saved["exports"][0].clone();
+    ghost["volume"] = "ghost".into();
+    ghost["name"] = "ghost".into();
+    saved["exports"].as_array_mut().unwrap().push(ghost);
+    std::fs::write(&state, serde_json::to_vec(&saved).unwrap()).unwrap();
+    let server = Server::start(&dir);
+    let exports = server.json(&["export", "list"]);
+    let ghost = exports.as_array().unwrap().iter().find(|e| e["volume"] == "ghost").expect("listed").clone();
+    assert_eq!((ghost["served"].as_bool(), ghost["uri"].is_null()), (Some(false), true), "{ghost}");
+    assert!(ghost["problem"].as_str().is_some_and(|p| p.contains("No volume named 'ghost'")), "{ghost}");
+    server.ok(&["export", "remove", "ghost"]);
+    assert_eq!(server.json(&["export", "list"]).as_array().unwrap().len(), 2, "m and s stay");
 }
