@@ -53,20 +53,12 @@ impl ServeConfig {
     }
 }
 
-/// A TOML error as "line L, column C: message" (the crate's own text spans several lines).
+/// A TOML error as "line L, column C: message" (the crate's own text spans several lines,
+/// headed by "TOML parse error at line L, column C").
 fn one_line(e: &toml::de::Error) -> String {
     let message = e.message().trim();
-    match e.span() {
-        Some(span) => {
-            let text = e.to_string();
-            // "TOML parse error at line 2, column 1" heads the full text.
-            let place = text.lines().next().and_then(|l| l.split(" at ").nth(1)).unwrap_or("").to_string();
-            if place.is_empty() {
-                format!("{message} (bytes {span:?})")
-            } else {
-                format!("{place}: {message}")
-            }
-        }
+    match e.to_string().lines().next().and_then(|l| l.split_once(" at ")) {
+        Some((_, place)) => format!("{place}: {message}"),
         None => message.to_string(),
     }
 }

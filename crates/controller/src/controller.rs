@@ -265,15 +265,13 @@ impl Controller {
         .map_err(|e| Failure::new(FailureKind::BadRequest, format!("cannot open {}: {e}", path.display())))?;
         let name = path.display().to_string();
         let device: Arc<dyn BlockIo> = self.metrics.meter(Scope::device, &name, device);
-        let pool = {
-            let existing = self.pool();
-            match existing {
-                Some(pool) => pool,
-                None => Arc::new(
-                    Pool::create(PoolOptions { name: self.pool_name.clone(), ..PoolOptions::default() })
-                        .map_err(Failure::from)?,
-                ),
-            }
+        let pool = match self.pool() {
+            Some(pool) => pool,
+            // The first device makes the pool; it is kept only if the claim succeeds.
+            None => Arc::new(Pool::create(PoolOptions {
+                name: self.pool_name.clone(),
+                ..PoolOptions::default()
+            })?),
         };
         let claimed = pool.claim(&name, device, fault_domain).await;
         let info = match claimed {

@@ -2,7 +2,8 @@
 //! volume, device and frontend export, plus gauges read when `/metrics` is scraped.
 //!
 //! Each level is measured by wrapping its block device in [`Metered`], whose counters are
-//! looked up once when it is made, so a request pays two clock reads and a few atomics.
+//! looked up once when it is made, so a request pays two clock reads, a few atomic adds
+//! and one uncontended lock (the histogram's) per level.
 
 use std::sync::Arc;
 use std::time::Instant;

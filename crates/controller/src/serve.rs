@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::api::{ApiState, router};
 use crate::config::{DEFAULT_API, DEFAULT_DATA_DIR, DEFAULT_DEMO_DIR, DEFAULT_NBD, ServeConfig};
-use crate::controller::{Controller, load_or_create_token};
+use crate::controller::{Controller, TOKEN_FILE, load_or_create_token};
 
 /// The file where a running controller writes the addresses it listens on.
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
@@ -78,7 +78,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
 
     tracing::info!(api = %api_addr, nbd = %nbd_addr, data_dir = %data_dir.display(), "controller running");
     println!("Strata controller running (data in {})", data_dir.display());
-    println!("  REST API  http://{api_addr}   (token in {})", data_dir.join("token").display());
+    println!("  REST API  http://{api_addr}   (token in {})", data_dir.join(TOKEN_FILE).display());
     println!("  NBD       {nbd_addr}");
     for export in controller.exports() {
         if let Some(uri) = &export.uri {

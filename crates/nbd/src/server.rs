@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -24,29 +24,18 @@ const MAX_CONNECTIONS: usize = 1024;
 pub struct NbdServer {
     exports: Arc<dyn Exports>,
     connections: AtomicUsize,
-    accepted: AtomicU64,
     tracker: TaskTracker,
 }
 
 impl NbdServer {
     /// A server answering from `exports`.
     pub fn new(exports: Arc<dyn Exports>) -> Arc<Self> {
-        Arc::new(Self {
-            exports,
-            connections: AtomicUsize::new(0),
-            accepted: AtomicU64::new(0),
-            tracker: TaskTracker::new(),
-        })
+        Arc::new(Self { exports, connections: AtomicUsize::new(0), tracker: TaskTracker::new() })
     }
 
     /// Connections open now (negotiating or transmitting).
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
-    }
-
-    /// Connections accepted since start.
-    pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
     }
 
     /// Accepts clients on `listener` until `shutdown` turns true, then waits until every
@@ -116,7 +105,6 @@ impl NbdServer {
         mut shutdown: watch::Receiver<bool>,
     ) {
         self.connections.fetch_add(1, Ordering::Relaxed);
-        self.accepted.fetch_add(1, Ordering::Relaxed);
         let negotiated = tokio::select! {
             result = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,

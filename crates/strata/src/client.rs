@@ -4,6 +4,8 @@ use std::path::Path;
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+use strata_controller::controller::TOKEN_FILE;
+use strata_controller::serve::ENDPOINTS_FILE;
 
 /// Where the API is when nothing says otherwise.
 const DEFAULT_URL: &str = "http://127.0.0.1:7480";
@@ -21,7 +23,7 @@ impl ApiClient {
         let from_dir = |file: &str| data_dir.and_then(|d| std::fs::read_to_string(d.join(file)).ok());
         let base = match api {
             Some(url) => url.to_string(),
-            None => from_dir("endpoints.json")
+            None => from_dir(ENDPOINTS_FILE)
                 .and_then(|text| serde_json::from_str::<Value>(&text).ok())
                 .and_then(|v| v["api"].as_str().map(str::to_string))
                 .unwrap_or_else(|| DEFAULT_URL.to_string()),
@@ -30,10 +32,10 @@ impl ApiClient {
         let token = match token {
             Some(t) => t.to_string(),
             None => match data_dir {
-                Some(dir) => from_dir("token").map(|t| t.trim().to_string()).ok_or_else(|| {
+                Some(dir) => from_dir(TOKEN_FILE).map(|t| t.trim().to_string()).ok_or_else(|| {
                     format!(
                         "no API token in {}; is it a controller's data directory?",
-                        dir.join("token").display()
+                        dir.join(TOKEN_FILE).display()
                     )
                 })?,
                 None => {
