@@ -16,11 +16,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use strata_iscsi::IscsiServer;
 use strata_nbd::NbdServer;
 use strata_volume::{Layout, VolumeRequest};
 
 use crate::controller::Controller;
-use crate::exports::ExportRecord;
+use crate::exports::{ChapRecord, ExportRecord, ISCSI, NBD};
 use crate::failure::{Failure, FailureKind};
 
 /// The OpenAPI document of this API.
@@ -34,6 +35,8 @@ pub struct ApiState {
     pub token: String,
     /// The NBD server, for connection counts.
     pub nbd: Arc<NbdServer>,
+    /// The iSCSI target, for session counts.
+    pub iscsi: Arc<IscsiServer>,
     /// Where the API listens, for status.
     pub api_addr: String,
     /// When the controller started.
@@ -172,7 +175,7 @@ async fn openapi() -> Response {
 }
 
 async fn metrics(State(state): Shared) -> Response {
-    state.controller.update_gauges(state.nbd.connections()).await;
+    state.controller.update_gauges(state.nbd.connections(), state.iscsi.sessions()).await;
     let body = state.controller.metrics.render();
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
         .into_response()
@@ -195,6 +198,7 @@ async fn status(State(state): Shared) -> Answer {
         "data_dir": c.data_dir(),
         "api": state.api_addr,
         "nbd": c.nbd_addr.get().map(|a| a.to_string()),
+        "iscsi": c.iscsi_addr.get().map(|a| a.to_string()),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "pool": pool,
         "devices": {
@@ -210,6 +214,7 @@ async fn status(State(state): Shared) -> Answer {
         },
         "exports": c.exports().len(),
         "nbd_connections": state.nbd.connections(),
+        "iscsi_sessions": state.iscsi.sessions(),
         "startup": startup(c.discovery()),
     }))
 }
@@ -338,20 +343,46 @@ struct AddExport {
     read_only: bool,
     #[serde(default)]
     allow: Vec<String>,
+    #[serde(default)]
+    lun: Option<u64>,
+    #[serde(default)]
+    chap: Option<ChapRecord>,
+    #[serde(default)]
+    mutual_chap: Option<ChapRecord>,
 }
 
 async fn add_export(State(state): Shared, Body(body): Body<AddExport>) -> Answer {
+    let protocol = body.protocol.unwrap_or_else(|| NBD.into());
+    let name = match body.name {
+        Some(name) => name,
+        None if protocol == ISCSI => state.controller.default_target_name(&body.volume)?,
+        None => body.volume.clone(),
+    };
     let record = ExportRecord {
-        name: body.name.unwrap_or_else(|| body.volume.clone()),
+        name,
         volume: body.volume,
-        protocol: body.protocol.unwrap_or_else(|| "nbd".into()),
+        protocol,
         read_only: body.read_only,
         allow: body.allow,
+        lun: body.lun,
+        chap: body.chap,
+        mutual_chap: body.mutual_chap,
     };
     created(state.controller.add_export(record).await?)
 }
 
-async fn remove_export(State(state): Shared, Path(volume): Path<String>) -> Answer {
-    state.controller.remove_export(&volume).await?;
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveExportQuery {
+    #[serde(default)]
+    protocol: Option<String>,
+}
+
+async fn remove_export(
+    State(state): Shared,
+    Path(volume): Path<String>,
+    Query(q): Query<RemoveExportQuery>,
+) -> Answer {
+    state.controller.remove_export(&volume, q.protocol.as_deref()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -9,6 +9,8 @@ use serde::Deserialize;
 pub const DEFAULT_API: &str = "127.0.0.1:7480";
 /// Default NBD address (the protocol's registered port).
 pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
+/// Where the iSCSI target listens unless told otherwise (the IANA port).
+pub const DEFAULT_ISCSI: &str = "127.0.0.1:3260";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/strata";
 /// Default data directory of `serve --demo`.
@@ -24,6 +26,8 @@ pub struct ServeConfig {
     pub api: Option<SocketAddr>,
     /// NBD listen address.
     pub nbd: Option<SocketAddr>,
+    /// iSCSI portal (listen address).
+    pub iscsi: Option<SocketAddr>,
     /// Name of a pool made by the first `device add`.
     pub pool_name: Option<String>,
     /// Open device files with O_DIRECT (bypass the page cache).
@@ -46,6 +50,7 @@ impl ServeConfig {
             data_dir: other.data_dir.or(self.data_dir),
             api: other.api.or(self.api),
             nbd: other.nbd.or(self.nbd),
+            iscsi: other.iscsi.or(self.iscsi),
             pool_name: other.pool_name.or(self.pool_name),
             direct_io: other.direct_io.or(self.direct_io),
             demo: other.demo.or(self.demo),

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,9 @@ use strata_block::{BlockIo, FileDevice, FileOptions};
 use strata_pool::{DeviceInfo, Inspection, Pool, PoolError, PoolOptions, VolumeInfo, inspect, scan_dir};
 use strata_volume::{Layout, Location, NodeSpec, VolumeRequest};
 
-use crate::exports::{ExportRecord, ExportView, LiveExport, Network};
+use crate::exports::{
+    ExportRecord, ExportView, Frontend, ISCSI, LiveExport, NBD, Network, export_key, iscsi_name,
+};
 use crate::failure::{Failure, FailureKind};
 use crate::metrics::{Metered, Metrics, Scope};
 
@@ -45,7 +48,12 @@ pub struct Controller {
     pool: parking_lot::RwLock<Option<Arc<Pool>>>,
     /// Serializes management changes and guards what `controller.json` holds.
     saved: tokio::sync::Mutex<Saved>,
+    /// Exports served now, by protocol, name and LUN.
     pub(crate) exports: parking_lot::RwLock<BTreeMap<String, LiveExport>>,
+    /// Changes whenever the exports do, so iSCSI sessions refresh their LUNs.
+    pub(crate) export_generation: AtomicU64,
+    /// Logical units by designator, for EXTENDED COPY between them.
+    lu_directory: Arc<strata_scsi::Directory>,
     /// Recorded exports that could not be served at start-up, and why (their volume did
     /// not open, say); kept so they come back once the cause is mended.
     unserved: parking_lot::Mutex<Vec<(ExportRecord, String)>>,
@@ -55,6 +63,8 @@ pub struct Controller {
     pub metrics: Metrics,
     /// Where the NBD server listens, once it does.
     pub nbd_addr: OnceLock<SocketAddr>,
+    /// Where the iSCSI target listens, once it does.
+    pub iscsi_addr: OnceLock<SocketAddr>,
     /// What the scan of the devices found at start-up, for status.
     discovery: strata_pool::Discovery,
 }
@@ -141,14 +151,17 @@ impl Controller {
             pool: parking_lot::RwLock::new(pool.map(Arc::new)),
             saved: tokio::sync::Mutex::new(saved.clone()),
             exports: parking_lot::RwLock::new(BTreeMap::new()),
+            export_generation: AtomicU64::new(0),
+            lu_directory: Arc::default(),
             unserved: parking_lot::Mutex::new(Vec::new()),
             metered_volumes: parking_lot::Mutex::new(BTreeMap::new()),
             metrics,
             nbd_addr: OnceLock::new(),
+            iscsi_addr: OnceLock::new(),
             discovery: report,
         });
         for record in saved.exports {
-            if let Err(e) = controller.start_export(record.clone()) {
+            if let Err(e) = controller.start_export(record.clone()).await {
                 tracing::error!(volume = %record.volume, error = %e.message, "export not served");
                 controller.unserved.lock().push((record, e.message));
             }
@@ -404,122 +417,250 @@ impl Controller {
 
     // ----- exports -----
 
-    /// Every export.
+    /// Every export (without CHAP secrets).
     pub fn exports(&self) -> Vec<ExportView> {
-        let nbd = self.nbd_addr.get();
         let exports = self.exports.read();
-        let live = exports.values().map(|e| ExportView {
-            record: e.record.clone(),
-            uri: nbd.map(|addr| format!("nbd://{addr}/{}", e.record.name)),
-            served: true,
-            problem: None,
-        });
-        let unserved = self.unserved.lock().clone().into_iter().map(|(record, why)| ExportView {
-            record,
-            uri: None,
-            served: false,
-            problem: Some(why),
-        });
+        let live = exports.values().map(|e| self.view(e.record.clone(), None));
+        let unserved =
+            self.unserved.lock().clone().into_iter().map(|(record, why)| self.view(record, Some(why)));
         live.chain(unserved).collect()
     }
 
+    fn view(&self, mut record: ExportRecord, problem: Option<String>) -> ExportView {
+        for chap in [&mut record.chap, &mut record.mutual_chap].into_iter().flatten() {
+            chap.secret.clear();
+        }
+        let served = problem.is_none();
+        let (uri, portal) = match record.protocol.as_str() {
+            ISCSI => {
+                let portal = self.iscsi_addr.get().map(|a| a.to_string());
+                let uri = portal
+                    .as_ref()
+                    .filter(|_| served)
+                    .map(|p| format!("iscsi://{p}/{}/{}", record.name, record.lun.unwrap_or(0)));
+                (uri, portal)
+            }
+            _ => (self.nbd_addr.get().filter(|_| served).map(|a| format!("nbd://{a}/{}", record.name)), None),
+        };
+        ExportView { record, uri, portal, served, problem }
+    }
+
+    /// The target name a volume gets when none is given: stable, from the pool's and the
+    /// volume's identity.
+    pub fn default_target_name(&self, volume: &str) -> Result<String, Failure> {
+        let pool = self.pool_with(volume)?;
+        let id = pool
+            .volume(volume)
+            .map(|v| v.record().id)
+            .ok_or_else(|| PoolError::NoSuchVolume(volume.into()))?;
+        Ok(format!("iqn.2026-11.io.strata:{}.{}", pool.id().simple(), id.simple()))
+    }
+
     /// Serves `record` from now on (without saving it).
-    fn start_export(&self, record: ExportRecord) -> Result<(), Failure> {
-        if record.protocol != "nbd" {
-            return Err(Failure::new(
-                FailureKind::BadRequest,
-                format!("protocol '{}' is not served yet; use nbd", record.protocol),
-            ));
-        }
-        let allow = record
-            .allow
-            .iter()
-            .map(|a| Network::parse(a))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Failure::new(FailureKind::BadRequest, e))?;
-        let check = |name: &str| {
-            !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_graphic() && c != '/')
-        };
-        if !check(&record.name) {
-            return Err(Failure::new(
-                FailureKind::BadRequest,
-                format!(
-                    "export name '{}' must be 1 to 255 printable characters without '/' or spaces",
-                    record.name
-                ),
-            ));
-        }
-        {
-            let exports = self.exports.read();
-            if let Some(existing) = exports.values().find(|e| e.record.volume == record.volume) {
-                return Err(Failure::new(
-                    FailureKind::Conflict,
-                    format!(
-                        "volume '{}' is already exported as '{}'; remove that export first",
-                        existing.record.volume, existing.record.name
-                    ),
-                ));
+    async fn start_export(&self, mut record: ExportRecord) -> Result<(), Failure> {
+        let bad = |why: String| Failure::new(FailureKind::BadRequest, why);
+        let frontend = match record.protocol.as_str() {
+            NBD => {
+                let allow = record
+                    .allow
+                    .iter()
+                    .map(|a| Network::parse(a))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(bad)?;
+                let check = |name: &str| {
+                    !name.is_empty()
+                        && name.len() <= 255
+                        && name.chars().all(|c| c.is_ascii_graphic() && c != '/')
+                };
+                if !check(&record.name) {
+                    return Err(bad(format!(
+                        "export name '{}' must be 1 to 255 printable characters without '/' or spaces",
+                        record.name
+                    )));
+                }
+                if record.lun.is_some() || record.chap.is_some() || record.mutual_chap.is_some() {
+                    return Err(bad("LUNs and CHAP apply to iSCSI exports only".into()));
+                }
+                self.check_export_conflicts(&record)?;
+                let volume = self.volume_io(&record.volume)?;
+                let export = strata_nbd::Export {
+                    name: record.name.clone(),
+                    description: format!("Strata volume {}", record.volume),
+                    device: self.metrics.meter(Scope::nbd, &record.name, volume),
+                    read_only: record.read_only,
+                };
+                Frontend::Nbd { allow, export }
             }
-            if let Some(existing) = exports.get(&record.name) {
-                return Err(Failure::new(
-                    FailureKind::Conflict,
-                    format!(
-                        "export name '{}' is taken by volume '{}'; choose another with --name",
-                        record.name, existing.record.volume
-                    ),
-                ));
+            ISCSI => {
+                record.name = iscsi_name(&record.name).map_err(bad)?;
+                for initiator in &mut record.allow {
+                    *initiator = iscsi_name(initiator).map_err(|e| bad(format!("--allow: {e}")))?;
+                }
+                let lun = *record.lun.get_or_insert(0);
+                if lun >= 16384 {
+                    return Err(bad(format!("LUN {lun} is out of range: use 0 to 16383")));
+                }
+                for chap in [&record.chap, &record.mutual_chap].into_iter().flatten() {
+                    if chap.user.is_empty() || !(12..=255).contains(&chap.secret.len()) {
+                        return Err(bad(format!(
+                            "CHAP user '{}': the user must not be empty and the secret must be 12 to 255 characters",
+                            chap.user
+                        )));
+                    }
+                }
+                if record.mutual_chap.is_some() && record.chap.is_none() {
+                    return Err(bad("mutual CHAP needs CHAP: give --chap-user and --chap-secret too".into()));
+                }
+                if let Some(other) = self.exports.read().values().find(|e| {
+                    e.record.protocol == ISCSI
+                        && e.record.name == record.name
+                        && (e.record.chap != record.chap || e.record.mutual_chap != record.mutual_chap)
+                }) {
+                    return Err(Failure::new(
+                        FailureKind::Conflict,
+                        format!(
+                            "target '{}' already serves volume '{}' with other CHAP settings; LUNs of one target share its credentials",
+                            record.name, other.record.volume
+                        ),
+                    ));
+                }
+                self.check_export_conflicts(&record)?;
+                let lu = self.logical_unit(&record).await?;
+                Frontend::Iscsi { lu }
             }
-        }
-        let volume = self.volume_io(&record.volume)?;
-        let frontend = self.metrics.meter(Scope::nbd, &record.name, volume);
-        let export = strata_nbd::Export {
-            name: record.name.clone(),
-            description: format!("Strata volume {}", record.volume),
-            device: frontend,
-            read_only: record.read_only,
+            other => return Err(bad(format!("protocol '{other}' is not served; use nbd or iscsi"))),
         };
-        self.exports.write().insert(record.name.clone(), LiveExport { record, allow, export });
+        if let Frontend::Iscsi { lu } = &frontend {
+            self.lu_directory.insert(lu);
+        }
+        self.exports.write().insert(export_key(&record), LiveExport { record, frontend });
+        self.export_generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
+    /// Refuses a second export of a volume over one protocol, and a name (and LUN) taken.
+    fn check_export_conflicts(&self, record: &ExportRecord) -> Result<(), Failure> {
+        let exports = self.exports.read();
+        if let Some(existing) = exports
+            .values()
+            .find(|e| e.record.volume == record.volume && e.record.protocol == record.protocol)
+        {
+            return Err(Failure::new(
+                FailureKind::Conflict,
+                format!(
+                    "volume '{}' is already exported over {} as '{}'; remove that export first",
+                    existing.record.volume, record.protocol, existing.record.name
+                ),
+            ));
+        }
+        if let Some(existing) = exports.get(&export_key(record)) {
+            let what = match record.lun {
+                Some(lun) => format!("LUN {lun} of target '{}'", record.name),
+                None => format!("export name '{}'", record.name),
+            };
+            return Err(Failure::new(
+                FailureKind::Conflict,
+                format!("{what} is taken by volume '{}'; choose another", existing.record.volume),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The SCSI logical unit of an iSCSI export, with the reservations kept on the devices.
+    async fn logical_unit(&self, record: &ExportRecord) -> Result<Arc<strata_scsi::LogicalUnit>, Failure> {
+        let pool = self.pool_with(&record.volume)?;
+        let volume =
+            pool.volume(&record.volume).ok_or_else(|| PoolError::NoSuchVolume(record.volume.clone()))?;
+        let id = volume.record().id;
+        let mut naa = [0u8; 16];
+        // NAA 6 (IEEE registered extended) with a zero company id: the rest from the
+        // volume's identity, so the WWN is stable and unique within the pool.
+        naa[0] = 0x60;
+        naa[3..].copy_from_slice(&id.as_bytes()[..13]);
+        naa[3] &= 0x0f;
+        let identity = strata_scsi::Identity {
+            vendor: "STRATA".into(),
+            product: "VOLUME".into(),
+            revision: "0001".into(),
+            serial: id.simple().to_string(),
+            naa,
+            target_port_group: 1,
+            read_only: record.read_only,
+        };
+        let persisted =
+            pool.reservations(&record.volume).await.map(|hex| decode_hex(&hex)).transpose().map_err(|e| {
+                Failure::new(
+                    FailureKind::Internal,
+                    format!("volume '{}': recorded reservations are damaged: {e}", record.volume),
+                )
+            })?;
+        let store = Arc::new(ReservationsOnDevices { pool, volume: record.volume.clone() });
+        let device = self.metrics.meter(Scope::iscsi, &record.volume, self.volume_io(&record.volume)?);
+        strata_scsi::LogicalUnit::new(
+            device,
+            identity,
+            persisted.as_deref(),
+            store,
+            self.lu_directory.clone(),
+        )
+        .map(Arc::new)
+        .map_err(|e| Failure::new(FailureKind::Internal, format!("volume '{}': {e}", record.volume)))
+    }
+
     /// Exports a volume and records it so it is served again after a restart.
-    pub async fn add_export(&self, record: ExportRecord) -> Result<ExportView, Failure> {
+    pub async fn add_export(&self, mut record: ExportRecord) -> Result<ExportView, Failure> {
         let mut saved = self.saved.lock().await;
-        self.start_export(record.clone())?;
+        if record.protocol == ISCSI {
+            record.name = iscsi_name(&record.name).map_err(|e| Failure::new(FailureKind::BadRequest, e))?;
+            record.lun.get_or_insert(0);
+        }
+        self.start_export(record.clone()).await?;
         saved.exports.push(record.clone());
         if let Err(e) = self.save(&saved).await {
             saved.exports.pop();
-            self.exports.write().remove(&record.name);
+            self.stop_export(&export_key(&record));
             return Err(e);
         }
-        tracing::info!(volume = %record.volume, export = %record.name, "export added");
-        Ok(self.exports().into_iter().find(|e| e.record.name == record.name).expect("just added"))
+        tracing::info!(volume = %record.volume, protocol = %record.protocol, export = %record.name, "export added");
+        let live =
+            self.exports.read().get(&export_key(&record)).map(|e| e.record.clone()).expect("just added");
+        Ok(self.view(live, None))
     }
 
-    /// Stops exporting a volume. Clients already connected keep their connection until
-    /// they leave; new ones are refused.
-    pub async fn remove_export(&self, volume: &str) -> Result<(), Failure> {
-        let mut saved = self.saved.lock().await;
-        let name =
-            self.exports.read().values().find(|e| e.record.volume == volume).map(|e| e.record.name.clone());
-        let unserved = self.unserved.lock().iter().any(|(r, _)| r.volume == volume);
-        if name.is_none() && unserved {
-            saved.exports.retain(|e| e.volume != volume);
-            self.save(&saved).await?;
-            self.unserved.lock().retain(|(r, _)| r.volume != volume);
-            tracing::info!(%volume, "export that was not served removed");
-            return Ok(());
+    fn stop_export(&self, key: &str) {
+        if let Some(export) = self.exports.write().remove(key)
+            && let Frontend::Iscsi { lu } = &export.frontend
+        {
+            self.lu_directory.remove(&lu.identity().naa);
         }
-        let Some(name) = name else {
+        self.export_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Stops exporting a volume (over one protocol, or all). Clients already connected keep
+    /// their connection until they leave (iSCSI sessions lose the LUN at their next
+    /// command); new ones are refused.
+    pub async fn remove_export(&self, volume: &str, protocol: Option<&str>) -> Result<(), Failure> {
+        let mut saved = self.saved.lock().await;
+        let matches = |r: &ExportRecord| r.volume == volume && protocol.is_none_or(|p| p == r.protocol);
+        let keys: Vec<String> =
+            self.exports.read().iter().filter(|(_, e)| matches(&e.record)).map(|(k, _)| k.clone()).collect();
+        let unserved = self.unserved.lock().iter().any(|(r, _)| matches(r));
+        if keys.is_empty() && !unserved {
             return Err(Failure::new(
                 FailureKind::NotFound,
-                format!("volume '{volume}' is not exported; `strata export list` shows the exports"),
+                format!(
+                    "volume '{volume}' is not exported{}; `strata export list` shows the exports",
+                    protocol.map(|p| format!(" over {p}")).unwrap_or_default()
+                ),
             ));
-        };
-        saved.exports.retain(|e| e.volume != volume);
+        }
+        saved.exports.retain(|e| !matches(e));
         self.save(&saved).await?;
-        self.exports.write().remove(&name);
-        tracing::info!(%volume, export = %name, "export removed");
+        self.unserved.lock().retain(|(r, _)| !matches(r));
+        for key in keys {
+            self.stop_export(&key);
+            tracing::info!(%volume, export = %key, "export removed");
+        }
         Ok(())
     }
 
@@ -539,13 +680,32 @@ impl Controller {
             let layout = if self.devices().await.len() >= 4 { Layout::Raid10 } else { Layout::Linear };
             self.create_volume("demo", VolumeRequest::new(1 << 30, layout)).await?;
         }
-        if !self.exports.read().values().any(|e| e.record.volume == "demo") {
+        let exported = |protocol: &str| {
+            self.exports.read().values().any(|e| e.record.volume == "demo" && e.record.protocol == protocol)
+        };
+        if !exported(NBD) {
             self.add_export(ExportRecord {
                 volume: "demo".into(),
-                protocol: "nbd".into(),
+                protocol: NBD.into(),
                 name: "demo".into(),
                 read_only: false,
                 allow: Vec::new(),
+                lun: None,
+                chap: None,
+                mutual_chap: None,
+            })
+            .await?;
+        }
+        if !exported(ISCSI) {
+            self.add_export(ExportRecord {
+                volume: "demo".into(),
+                protocol: ISCSI.into(),
+                name: self.default_target_name("demo")?,
+                read_only: false,
+                allow: Vec::new(),
+                lun: Some(0),
+                chap: None,
+                mutual_chap: None,
             })
             .await?;
         }
@@ -564,7 +724,7 @@ impl Controller {
     }
 
     /// Refreshes the gauges that are read at scrape time.
-    pub async fn update_gauges(&self, nbd_connections: usize) {
+    pub async fn update_gauges(&self, nbd_connections: usize, iscsi_sessions: usize) {
         use crate::metrics::NameLabel;
         for v in self.volumes() {
             let state = match v.state {
@@ -579,6 +739,7 @@ impl Controller {
             self.metrics.device_free_bytes.get_or_create(&NameLabel { name: d.name }).set(free);
         }
         self.metrics.nbd_connections.set(i64::try_from(nbd_connections).unwrap_or(i64::MAX));
+        self.metrics.iscsi_sessions.set(i64::try_from(iscsi_sessions).unwrap_or(i64::MAX));
     }
 }
 
@@ -591,4 +752,32 @@ pub struct ScanEntry {
     pub state: String,
     /// Device id, owning pool, or what is wrong.
     pub detail: String,
+}
+
+/// Keeps a logical unit's persistent reservations in the pool configuration, which is
+/// replicated on the devices, so they survive a restart and follow the volume.
+struct ReservationsOnDevices {
+    pool: Arc<Pool>,
+    volume: String,
+}
+
+#[async_trait::async_trait]
+impl strata_scsi::ReservationStore for ReservationsOnDevices {
+    async fn save(&self, state: bytes::Bytes) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let value = (!state.is_empty()).then(|| state.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        self.pool.set_reservations(&self.volume, value).await?;
+        Ok(())
+    }
+}
+
+fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
+    if text.len() % 2 != 0 {
+        return Err("odd number of hex digits".into());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| format!("'{}' is not hex", &text[i..i + 2]))
+        })
+        .collect()
 }

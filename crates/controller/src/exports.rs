@@ -1,36 +1,74 @@
-//! Exports: how volumes are offered to hosts, who may see them (allow-lists of addresses
-//! and networks), and the lookup the NBD server asks.
+//! Exports: how volumes are offered to hosts (NBD exports, iSCSI targets and their LUNs),
+//! who may see them (allow-lists of addresses and networks for NBD, of initiator names
+//! for iSCSI), and the lookups the NBD and iSCSI servers ask.
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
+use strata_iscsi::{Credentials, Refusal, TargetNode};
+use strata_scsi::{LogicalUnit, LunMap};
 
 use crate::controller::Controller;
+
+/// The frontend protocols.
+pub const NBD: &str = "nbd";
+/// iSCSI.
+pub const ISCSI: &str = "iscsi";
 
 /// How a volume is offered to hosts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportRecord {
     /// The volume.
     pub volume: String,
-    /// Frontend protocol (`nbd`).
+    /// Frontend protocol (`nbd` or `iscsi`).
     pub protocol: String,
-    /// Name clients ask for.
+    /// Name clients ask for: the NBD export name, or the iSCSI target name (IQN).
     pub name: String,
     /// Refuse writes.
     pub read_only: bool,
-    /// Client addresses or networks (`10.0.0.5`, `10.0.0.0/24`) that may use it; empty
-    /// means every client.
+    /// Who may use it; empty means everyone. NBD: client addresses or networks
+    /// (`10.0.0.5`, `10.0.0.0/24`); iSCSI: initiator names (IQNs).
     pub allow: Vec<String>,
+    /// iSCSI: the LUN of the volume within its target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lun: Option<u64>,
+    /// iSCSI: the CHAP user and secret initiators must prove.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap: Option<ChapRecord>,
+    /// iSCSI: the user and secret the target answers mutual CHAP with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual_chap: Option<ChapRecord>,
+}
+
+/// A CHAP user and secret; listings leave the secret out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChapRecord {
+    /// CHAP_N.
+    pub user: String,
+    /// The shared secret (12 to 255 characters).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret: String,
+}
+
+impl ChapRecord {
+    fn credentials(&self) -> Credentials {
+        Credentials { user: self.user.clone(), secret: self.secret.clone() }
+    }
 }
 
 /// What listings show of an export.
 #[derive(Clone, Debug, Serialize)]
 pub struct ExportView {
-    /// The export's settings.
+    /// The export's settings (without CHAP secrets).
     #[serde(flatten)]
     pub record: ExportRecord,
     /// Where a client connects.
     pub uri: Option<String>,
+    /// iSCSI: the portal (address:port) initiators log in through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub portal: Option<String>,
     /// Being served now.
     pub served: bool,
     /// Why it is not served.
@@ -90,39 +128,140 @@ impl Network {
 /// An export being served.
 pub(crate) struct LiveExport {
     pub(crate) record: ExportRecord,
-    pub(crate) allow: Vec<Network>,
-    pub(crate) export: strata_nbd::Export,
+    pub(crate) frontend: Frontend,
+}
+
+/// What a frontend server needs of an export.
+pub(crate) enum Frontend {
+    /// An NBD export and the networks that may use it.
+    Nbd { allow: Vec<Network>, export: strata_nbd::Export },
+    /// A SCSI logical unit within an iSCSI target.
+    Iscsi { lu: Arc<LogicalUnit> },
+}
+
+/// The key of an export in the controller's map: protocol, name and (iSCSI) LUN.
+pub(crate) fn export_key(record: &ExportRecord) -> String {
+    match record.lun {
+        Some(lun) => format!("{}/{}/{lun}", record.protocol, record.name),
+        None => format!("{}/{}", record.protocol, record.name),
+    }
 }
 
 impl LiveExport {
-    /// Whether `client` may see and use this export.
-    fn allows(&self, client: IpAddr) -> bool {
-        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(client))
+    /// The NBD export, if this is one and `client` may see it.
+    fn nbd_for(&self, client: IpAddr) -> Option<&strata_nbd::Export> {
+        match &self.frontend {
+            Frontend::Nbd { allow, export }
+                if allow.is_empty() || allow.iter().any(|n| n.contains(client)) =>
+            {
+                Some(export)
+            }
+            _ => None,
+        }
+    }
+
+    /// The logical unit, if this is an iSCSI export of `target`.
+    fn lu_of(&self, target: &str) -> Option<&Arc<LogicalUnit>> {
+        match &self.frontend {
+            Frontend::Iscsi { lu } if self.record.name == target => Some(lu),
+            _ => None,
+        }
+    }
+
+    /// Whether `initiator` is on this export's allow-list (iSCSI names compare without case).
+    fn allows_initiator(&self, initiator: &str) -> bool {
+        self.record.allow.is_empty() || self.record.allow.iter().any(|a| a.eq_ignore_ascii_case(initiator))
     }
 }
 
 impl strata_nbd::Exports for Controller {
     fn lookup(&self, name: &str, client: IpAddr) -> Option<strata_nbd::Export> {
         let exports = self.exports.read();
-        let allowed = |e: &&LiveExport| e.allows(client);
+        let mut visible = exports.values().filter_map(|e| e.nbd_for(client));
         if name.is_empty() {
             // The default export: the only one this client may see.
-            let mut visible = exports.values().filter(allowed);
             let first = visible.next()?;
-            return visible.next().is_none().then(|| first.export.clone());
+            return visible.next().is_none().then(|| first.clone());
         }
-        exports.get(name).filter(allowed).map(|e| e.export.clone())
+        visible.find(|e| e.name == name).cloned()
     }
 
     fn list(&self, client: IpAddr) -> Vec<strata_nbd::Export> {
         let exports = self.exports.read();
-        exports.values().filter(|e| e.allows(client)).map(|e| e.export.clone()).collect()
+        exports.values().filter_map(|e| e.nbd_for(client)).cloned().collect()
     }
+}
+
+impl strata_iscsi::Targets for Controller {
+    fn lookup(&self, target: &str, initiator: &str) -> Result<Arc<TargetNode>, Refusal> {
+        let exports = self.exports.read();
+        let mut found = false;
+        let mut node = TargetNode {
+            name: target.to_string(),
+            alias: None,
+            luns: LunMap::new(),
+            chap: None,
+            mutual: None,
+        };
+        for export in exports.values() {
+            let Some(lu) = export.lu_of(target) else { continue };
+            found = true;
+            // Every LUN of a target has the same credentials (checked when exported).
+            node.chap = export.record.chap.as_ref().map(ChapRecord::credentials);
+            node.mutual = export.record.mutual_chap.as_ref().map(ChapRecord::credentials);
+            if export.allows_initiator(initiator) {
+                node.luns.insert(export.record.lun.unwrap_or(0), lu.clone());
+            }
+        }
+        match (found, node.luns.is_empty()) {
+            (false, _) => Err(Refusal::NotFound),
+            (true, true) => Err(Refusal::NotAllowed),
+            (true, false) => Ok(Arc::new(node)),
+        }
+    }
+
+    fn list(&self, initiator: &str) -> Vec<Arc<TargetNode>> {
+        let names: std::collections::BTreeSet<String> = self
+            .exports
+            .read()
+            .values()
+            .filter(|e| e.record.protocol == ISCSI)
+            .map(|e| e.record.name.clone())
+            .collect();
+        names.iter().filter_map(|name| strata_iscsi::Targets::lookup(self, name, initiator).ok()).collect()
+    }
+
+    fn generation(&self) -> u64 {
+        self.export_generation.load(Ordering::Acquire)
+    }
+}
+
+/// Checks an iSCSI name (RFC 3720 §3.2.6: `iqn.`, `eui.` or `naa.` forms) and returns it
+/// in its normal, lower-case form.
+pub(crate) fn iscsi_name(name: &str) -> Result<String, String> {
+    let lower = name.to_ascii_lowercase();
+    let valid_chars =
+        lower.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:".contains(c));
+    let form = lower.starts_with("iqn.") || lower.starts_with("eui.") || lower.starts_with("naa.");
+    if lower.len() > 223 || lower.len() < 5 || !valid_chars || !form {
+        return Err(format!(
+            "'{name}' is not an iSCSI name: use iqn.YYYY-MM.reversed.domain[:suffix] (letters, digits, '-', '.', ':'; at most 223)"
+        ));
+    }
+    Ok(lower)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iscsi_names_are_checked_and_lowered() {
+        assert_eq!(iscsi_name("iqn.2026-11.io.Strata:Vol1").unwrap(), "iqn.2026-11.io.strata:vol1");
+        for bad in ["", "iqn", "target1", "iqn.2026-11.io.strata:vol 1", "iqn.2026_11"] {
+            assert!(iscsi_name(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn allow_lists_match_addresses_and_networks() {

@@ -25,6 +25,7 @@ pub enum Scope {
     volume,
     device,
     nbd,
+    iscsi,
 }
 
 /// The kind of request.
@@ -72,6 +73,8 @@ pub struct Metrics {
     pub device_free_bytes: Family<NameLabel, Gauge>,
     /// Open NBD connections.
     pub nbd_connections: Gauge,
+    /// Open iSCSI sessions.
+    pub iscsi_sessions: Gauge,
 }
 
 impl Default for Metrics {
@@ -91,7 +94,19 @@ impl Default for Metrics {
         registry.register("volume_state", "0 healthy, 1 degraded, 2 failed", volume_state.clone());
         registry.register("device_free_bytes", "Unallocated bytes of a device", device_free_bytes.clone());
         registry.register("nbd_connections", "Open NBD connections", nbd_connections.clone());
-        Self { registry, requests, bytes, errors, latency, volume_state, device_free_bytes, nbd_connections }
+        let iscsi_sessions = Gauge::default();
+        registry.register("iscsi_sessions", "Open iSCSI sessions", iscsi_sessions.clone());
+        Self {
+            registry,
+            requests,
+            bytes,
+            errors,
+            latency,
+            volume_state,
+            device_free_bytes,
+            nbd_connections,
+            iscsi_sessions,
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! `strata serve`: opens the controller, listens for the REST API and NBD clients, and on
+//! `strata serve`: opens the controller, listens for the REST API, NBD clients and iSCSI
+//! initiators, and on
 //! SIGTERM or SIGINT stops accepting, lets every connection finish what it accepted,
 //! flushes and closes every volume, and releases the devices.
 
@@ -8,12 +9,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use strata_block::FileOptions;
+use strata_iscsi::IscsiServer;
 use strata_nbd::NbdServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{ApiState, router};
-use crate::config::{DEFAULT_API, DEFAULT_DATA_DIR, DEFAULT_DEMO_DIR, DEFAULT_NBD, ServeConfig};
+use crate::config::{
+    DEFAULT_API, DEFAULT_DATA_DIR, DEFAULT_DEMO_DIR, DEFAULT_ISCSI, DEFAULT_NBD, ServeConfig,
+};
 use crate::controller::{Controller, TOKEN_FILE, load_or_create_token};
 
 /// The file where a running controller writes the addresses it listens on.
@@ -49,10 +53,19 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         listen(config.api.unwrap_or_else(|| DEFAULT_API.parse().expect("valid")), "the API", "--api").await?;
     let nbd_listener =
         listen(config.nbd.unwrap_or_else(|| DEFAULT_NBD.parse().expect("valid")), "NBD", "--nbd").await?;
+    let iscsi_listener =
+        listen(config.iscsi.unwrap_or_else(|| DEFAULT_ISCSI.parse().expect("valid")), "iSCSI", "--iscsi")
+            .await?;
     let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
     let nbd_addr = nbd_listener.local_addr().map_err(|e| e.to_string())?;
+    let iscsi_addr = iscsi_listener.local_addr().map_err(|e| e.to_string())?;
     let _ = controller.nbd_addr.set(nbd_addr);
-    let endpoints = serde_json::json!({ "api": format!("http://{api_addr}"), "nbd": nbd_addr.to_string() });
+    let _ = controller.iscsi_addr.set(iscsi_addr);
+    let endpoints = serde_json::json!({
+        "api": format!("http://{api_addr}"),
+        "nbd": nbd_addr.to_string(),
+        "iscsi": iscsi_addr.to_string(),
+    });
     let endpoints_path = data_dir.join(ENDPOINTS_FILE);
     std::fs::write(&endpoints_path, serde_json::to_vec_pretty(&endpoints).expect("json"))
         .map_err(|e| format!("cannot write {}: {e}", endpoints_path.display()))?;
@@ -60,10 +73,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let (stop, stopped) = watch::channel(false);
     let nbd = NbdServer::new(controller.clone());
     let nbd_task = tokio::spawn(nbd.clone().run(nbd_listener, stopped.clone()));
+    let iscsi = IscsiServer::new(controller.clone());
+    let iscsi_task = tokio::spawn(iscsi.clone().run(iscsi_listener, stopped.clone()));
     let state = Arc::new(ApiState {
         controller: controller.clone(),
         token,
         nbd,
+        iscsi,
         api_addr: format!("http://{api_addr}"),
         started,
     });
@@ -76,19 +92,23 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             .await
     });
 
-    tracing::info!(api = %api_addr, nbd = %nbd_addr, data_dir = %data_dir.display(), "controller running");
+    tracing::info!(api = %api_addr, nbd = %nbd_addr, iscsi = %iscsi_addr, data_dir = %data_dir.display(), "controller running");
     println!("Strata controller running (data in {})", data_dir.display());
     println!("  REST API  http://{api_addr}   (token in {})", data_dir.join(TOKEN_FILE).display());
     println!("  NBD       {nbd_addr}");
+    println!("  iSCSI     {iscsi_addr}");
     for export in controller.exports() {
         if let Some(uri) = &export.uri {
-            println!("  export '{}' (volume {}): {uri}", export.record.name, export.record.volume);
+            println!("  export of volume {} over {}: {uri}", export.record.volume, export.record.protocol);
         }
     }
     if demo {
         println!("Try:");
         println!("  qemu-img info nbd://{nbd_addr}/demo");
         println!("  nbdinfo nbd://{nbd_addr}/demo");
+        if let Some(iscsi) = controller.exports().into_iter().find(|e| e.record.protocol == "iscsi") {
+            println!("  iscsi-inq {}", iscsi.uri.unwrap_or_default());
+        }
         println!("  strata --api http://{api_addr} --data-dir {} volume list", data_dir.display());
     }
 
@@ -96,6 +116,7 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     tracing::info!("shutting down: no new connections; finishing requests in flight");
     let _ = stop.send(true);
     let _ = nbd_task.await;
+    let _ = iscsi_task.await;
     match api_task.await {
         Ok(Err(e)) => tracing::error!(error = %e, "API server failed"),
         Err(e) => tracing::error!(error = %e, "API task failed"),

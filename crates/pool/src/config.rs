@@ -86,6 +86,10 @@ pub struct VolumeRecord {
     pub request: VolumeRequest,
     /// The tree.
     pub tree: NodeSpec,
+    /// Persistent reservations of the volume's SCSI logical unit, kept with the volume on
+    /// every device so they survive a restart (SPC-4 APTPL); opaque to the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservations: Option<String>,
 }
 
 impl VolumeRecord {

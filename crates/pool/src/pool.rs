@@ -465,6 +465,7 @@ impl Pool {
             size_bytes: request.size,
             request,
             tree: spec,
+            reservations: None,
         };
         let mut config = state.config.clone();
         config.volumes.push(record.clone());
@@ -530,6 +531,28 @@ impl Pool {
             .find(|v| v.name == name)
             .ok_or_else(|| PoolError::NoSuchVolume(name.to_string()))?;
         Ok(if offset < record.size_bytes { strata_volume::map(&record.tree, offset) } else { None })
+    }
+
+    /// Records the persistent reservations of a volume's logical unit (None clears them).
+    pub async fn set_reservations(&self, name: &str, reservations: Option<String>) -> Result<(), PoolError> {
+        let mut state = self.state.lock().await;
+        let mut config = state.config.clone();
+        let record = config
+            .volumes
+            .iter_mut()
+            .find(|v| v.name == name)
+            .ok_or_else(|| PoolError::NoSuchVolume(name.to_string()))?;
+        if record.reservations == reservations {
+            return Ok(());
+        }
+        record.reservations = reservations;
+        state.commit(config).await
+    }
+
+    /// The persistent reservations last recorded for a volume.
+    pub async fn reservations(&self, name: &str) -> Option<String> {
+        let state = self.state.lock().await;
+        state.config.volumes.iter().find(|v| v.name == name).and_then(|v| v.reservations.clone())
     }
 
     /// The tree of a volume as recorded.

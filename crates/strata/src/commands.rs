@@ -154,11 +154,39 @@ async fn volume(api: &ApiClient, out: &Output, command: &VolumeCommand) -> Resul
 
 async fn export(api: &ApiClient, out: &Output, command: &ExportCommand) -> Result<(), String> {
     match command {
-        ExportCommand::Add { volume, nbd, name, read_only, allow } => {
-            if !nbd {
-                return Err("choose how to export the volume: --nbd".into());
-            }
-            let body = json!({ "volume": volume, "protocol": "nbd", "name": name, "read_only": read_only, "allow": allow });
+        ExportCommand::Add {
+            volume,
+            nbd,
+            iscsi,
+            name,
+            iqn,
+            lun,
+            read_only,
+            allow,
+            chap_user,
+            chap_secret,
+            mutual_user,
+            mutual_secret,
+        } => {
+            let credentials = |user: &Option<String>, secret: &Option<String>| {
+                user.as_ref().map(|u| json!({ "user": u, "secret": secret.clone().unwrap_or_default() }))
+            };
+            let body = match (nbd, iscsi) {
+                (true, false) => {
+                    json!({ "volume": volume, "protocol": "nbd", "name": name, "read_only": read_only, "allow": allow })
+                }
+                (false, true) => json!({
+                    "volume": volume,
+                    "protocol": "iscsi",
+                    "name": iqn,
+                    "lun": lun,
+                    "read_only": read_only,
+                    "allow": allow,
+                    "chap": credentials(chap_user, chap_secret),
+                    "mutual_chap": credentials(mutual_user, mutual_secret),
+                }),
+                _ => return Err("choose how to export the volume: --nbd or --iscsi".into()),
+            };
             let e = api.call(Method::POST, "/v1/exports", Some(body)).await?;
             out.object(&e, |e| println!("Exported volume {} as {}", text(&e["volume"]), text(&e["uri"])));
         }
@@ -168,14 +196,23 @@ async fn export(api: &ApiClient, out: &Output, command: &ExportCommand) -> Resul
                 ("VOLUME", Field::Text("volume")),
                 ("PROTOCOL", Field::Text("protocol")),
                 ("NAME", Field::Text("name")),
+                ("LUN", Field::Text("lun")),
+                ("PORTAL", Field::Text("portal")),
                 ("URI", Field::Text("uri")),
                 ("SERVED", Field::Text("served")),
                 ("READ-ONLY", Field::Text("read_only")),
                 ("ALLOW", Field::List("allow")),
             ],
         ),
-        ExportCommand::Remove { volume } => {
-            api.call(Method::DELETE, &format!("/v1/exports/{}", segment(volume)), None).await?;
+        ExportCommand::Remove { volume, nbd, iscsi } => {
+            let only = if *nbd {
+                "?protocol=nbd"
+            } else if *iscsi {
+                "?protocol=iscsi"
+            } else {
+                ""
+            };
+            api.call(Method::DELETE, &format!("/v1/exports/{}{only}", segment(volume)), None).await?;
             out.done(json!({ "removed": volume }), &format!("Stopped exporting volume {volume}"));
         }
     }

@@ -57,11 +57,14 @@ struct ServeArgs {
     /// NBD listen address [default: 127.0.0.1:10809]
     #[arg(long, value_name = "ADDR")]
     nbd: Option<std::net::SocketAddr>,
-    /// TOML file with data_dir, api, nbd, pool_name, direct_io, demo; flags override it
+    /// iSCSI portal: the address initiators log in to [default: 127.0.0.1:3260]
+    #[arg(long, value_name = "ADDR")]
+    iscsi: Option<std::net::SocketAddr>,
+    /// TOML file with data_dir, api, nbd, iscsi, pool_name, direct_io, demo; flags override it
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Make (or reuse) four file devices in DIR [default: ./strata-demo], a volume `demo`
-    /// and its NBD export
+    /// and its NBD and iSCSI exports
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     demo: Option<Option<PathBuf>>,
     /// Name of the pool the first added device creates [default: strata]
@@ -147,29 +150,57 @@ enum VolumeCommand {
 
 #[derive(Subcommand)]
 enum ExportCommand {
-    /// Export a volume
+    /// Export a volume over NBD or iSCSI
     Add {
         /// Volume name
         volume: String,
         /// Serve it over NBD
-        #[arg(long)]
+        #[arg(long, conflicts_with = "iscsi")]
         nbd: bool,
-        /// Export name clients ask for [default: the volume name]
+        /// Serve it over iSCSI, as a LUN of a target
         #[arg(long)]
+        iscsi: bool,
+        /// NBD export name clients ask for [default: the volume name]
+        #[arg(long, conflicts_with = "iscsi")]
         name: Option<String>,
+        /// iSCSI target name [default: iqn.2026-11.io.strata:POOL.VOLUME, from their ids]
+        #[arg(long, requires = "iscsi")]
+        iqn: Option<String>,
+        /// LUN of the volume within the target [default: 0]
+        #[arg(long, requires = "iscsi")]
+        lun: Option<u64>,
         /// Refuse writes
         #[arg(long)]
         read_only: bool,
-        /// Client addresses or networks allowed (default: every client)
+        /// Who may use it (default: everyone): client addresses or networks for NBD,
+        /// initiator names (IQNs) for iSCSI
         #[arg(long, value_name = "CLIENT", num_args = 1..)]
         allow: Vec<String>,
+        /// CHAP user initiators must log in as
+        #[arg(long, requires_all = ["iscsi", "chap_secret"])]
+        chap_user: Option<String>,
+        /// CHAP secret (12 to 255 characters)
+        #[arg(long, requires = "chap_user")]
+        chap_secret: Option<String>,
+        /// User the target answers mutual CHAP with
+        #[arg(long, requires_all = ["chap_user", "mutual_secret"])]
+        mutual_user: Option<String>,
+        /// Mutual CHAP secret (12 to 255 characters)
+        #[arg(long, requires = "mutual_user")]
+        mutual_secret: Option<String>,
     },
     /// List exports
     List,
-    /// Stop exporting a volume
+    /// Stop exporting a volume (over every protocol unless one is given)
     Remove {
         /// Volume name
         volume: String,
+        /// Only the NBD export
+        #[arg(long, conflicts_with = "iscsi")]
+        nbd: bool,
+        /// Only the iSCSI export
+        #[arg(long)]
+        iscsi: bool,
     },
 }
 
@@ -229,6 +260,7 @@ fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, String> {
         data_dir: cli.data_dir.clone().or(demo_dir),
         api,
         nbd: args.nbd,
+        iscsi: args.iscsi,
         pool_name: args.pool_name.clone(),
         direct_io: args.direct_io.then_some(true),
         demo: args.demo.is_some().then_some(true),

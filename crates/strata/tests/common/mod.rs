@@ -2,6 +2,8 @@
 //! by the kernel, the CLI pointed at it, and the Debian NBD clients run as commands.
 #![allow(dead_code)]
 
+pub mod initiator;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ pub struct Server {
     pub child: Child,
     pub api: String,
     pub nbd: String,
+    pub iscsi: String,
 }
 
 impl Server {
@@ -31,14 +34,20 @@ impl Server {
         let child = Command::new(STRATA)
             .args(["serve", "--data-dir"])
             .arg(dir)
-            .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0"])
+            .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("strata starts");
-        let mut server = Server { dir: dir.to_path_buf(), child, api: String::new(), nbd: String::new() };
+        let mut server = Server {
+            dir: dir.to_path_buf(),
+            child,
+            api: String::new(),
+            nbd: String::new(),
+            iscsi: String::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = std::fs::read_to_string(&endpoints)
@@ -46,6 +55,7 @@ impl Server {
             {
                 server.api = v["api"].as_str().unwrap().to_string();
                 server.nbd = v["nbd"].as_str().unwrap().to_string();
+                server.iscsi = v["iscsi"].as_str().unwrap().to_string();
                 return server;
             }
             if let Some(status) = server.child.try_wait().unwrap() {

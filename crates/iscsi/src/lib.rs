@@ -1,0 +1,79 @@
+//! iSCSI target (RFC 7143) over `strata-scsi` logical units.
+//!
+//! ```text
+//!   accept ─▶ login: security (None | CHAP | mutual CHAP) ─▶ operational negotiation
+//!          ─▶ full feature phase: SCSI Command / Data-Out / R2T / Data-In / SCSI Response,
+//!             NOP, Task Management, Text (SendTargets), Logout
+//! ```
+//!
+//! Each connection runs on its own thread with a single-threaded runtime, as the NBD
+//! server's do: a command is decoded, executed against its logical unit and answered on
+//! the thread that read it. Sessions have one connection each (MaxConnections=1) and
+//! ErrorRecoveryLevel 0: any protocol error ends the connection, and the session with it;
+//! the initiator logs in again, reinstating the session by its ISID.
+
+mod chap;
+mod connection;
+mod login;
+pub mod negotiate;
+pub mod pdu;
+mod server;
+mod session;
+pub mod text;
+
+use std::sync::Arc;
+
+pub use server::IscsiServer;
+use strata_scsi::LunMap;
+
+/// A user name and secret for CHAP.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// CHAP_N.
+    pub user: String,
+    /// The shared secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+/// A target as one initiator sees it: its LUNs already masked for that initiator.
+#[derive(Clone)]
+pub struct TargetNode {
+    /// The target's IQN.
+    pub name: String,
+    /// TargetAlias sent at login, if any.
+    pub alias: Option<String>,
+    /// The logical units this initiator may use, by LUN.
+    pub luns: LunMap,
+    /// Credentials the initiator must prove (CHAP), if any.
+    pub chap: Option<Credentials>,
+    /// Credentials the target answers mutual CHAP with, if any.
+    pub mutual: Option<Credentials>,
+}
+
+/// Why a login to a target is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No target of that name.
+    NotFound,
+    /// The target exists but none of its LUNs is open to this initiator.
+    NotAllowed,
+}
+
+/// Where the server finds its targets; the controller keeps them, with allow-lists.
+pub trait Targets: Send + Sync + 'static {
+    /// `target` as `initiator` may use it.
+    fn lookup(&self, target: &str, initiator: &str) -> Result<Arc<TargetNode>, Refusal>;
+
+    /// Every target `initiator` may use, for SendTargets.
+    fn list(&self, initiator: &str) -> Vec<Arc<TargetNode>>;
+
+    /// A number that changes whenever any target or LUN changes, so sessions know to look
+    /// their target up again.
+    fn generation(&self) -> u64;
+}

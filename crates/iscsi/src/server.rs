@@ -1,0 +1,174 @@
+//! The listener: accepts connections and gives each its own thread, which runs the login
+//! and then the full feature phase. Shutdown stops accepting, lets every connection finish
+//! the commands it started, and waits.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::Targets;
+use crate::connection::{self, Keepalive, Shared};
+use crate::login::{self, LoginContext, LoginError};
+use crate::session::Sessions;
+
+/// How long an initiator may take to log in.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections served at once (each has a thread); more are refused at accept.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// An iSCSI target server over a set of targets.
+pub struct IscsiServer {
+    targets: Arc<dyn Targets>,
+    sessions: Arc<Sessions>,
+    connections: AtomicUsize,
+    tracker: TaskTracker,
+    keepalive: Keepalive,
+}
+
+impl IscsiServer {
+    /// A server answering from `targets`, pinging idle initiators every 30 seconds.
+    pub fn new(targets: Arc<dyn Targets>) -> Arc<Self> {
+        Self::with_keepalive(targets, Duration::from_secs(30), Duration::from_secs(30))
+    }
+
+    /// A server that pings an initiator idle for `interval` and drops it when a ping goes
+    /// unanswered for `timeout`.
+    pub fn with_keepalive(targets: Arc<dyn Targets>, interval: Duration, timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            targets,
+            sessions: Arc::default(),
+            connections: AtomicUsize::new(0),
+            tracker: TaskTracker::new(),
+            keepalive: Keepalive { interval, timeout },
+        })
+    }
+
+    /// Connections open now (logging in or in the full feature phase).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Normal sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.count()
+    }
+
+    /// Accepts initiators on `listener` until `shutdown` turns true, then waits until
+    /// every connection has finished the commands it started and closed.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        let mut stop = shutdown.clone();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) if self.connections() >= MAX_CONNECTIONS => {
+                        tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many iSCSI connections; refusing one");
+                        drop(stream);
+                    }
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        if let Err(e) = self.clone().start_thread(stream, peer, shutdown.clone()) {
+                            tracing::warn!(%peer, error = %e, "cannot start a thread for an iSCSI connection");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "iSCSI accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                () = stopped(&mut stop) => break,
+            }
+        }
+        drop(listener);
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Serves a connection on a thread of its own with a single-threaded runtime, so a
+    /// command never waits for a wake-up on another CPU.
+    fn start_thread(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let stream = stream.into_std()?;
+        let token = self.tracker.token();
+        std::thread::Builder::new().name(format!("iscsi {peer}")).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(async {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => {
+                            let portal = stream.local_addr().map(portal).unwrap_or_default();
+                            self.connection(stream, peer, portal, shutdown).await
+                        }
+                        Err(e) => tracing::warn!(%peer, error = %e, "cannot adopt an iSCSI connection"),
+                    }
+                }),
+                Err(e) => tracing::warn!(%peer, error = %e, "cannot start a runtime for an iSCSI connection"),
+            }
+            drop(token);
+        })?;
+        Ok(())
+    }
+
+    /// Serves one connection from login to close (any byte stream: the listener's TCP
+    /// connections, or a test's in-memory pipe). `portal` is the address SendTargets
+    /// reports.
+    pub async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        mut stream: S,
+        peer: SocketAddr,
+        portal: String,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        let mut input = BytesMut::with_capacity(64 << 10);
+        let sessions = self.sessions.clone();
+        let next_tsih = move || sessions.next_tsih();
+        let ctx = LoginContext { targets: self.targets.as_ref(), next_tsih: &next_tsih };
+        let logged_in = tokio::select! {
+            result = tokio::time::timeout(LOGIN_TIMEOUT, login::login(&mut stream, &mut input, &ctx)) => result,
+            () = stopped(&mut shutdown) => Ok(Err(LoginError::Protocol("server shutting down".into()))),
+        };
+        match logged_in {
+            Ok(Ok(login)) => {
+                tracing::debug!(%peer, initiator = %login.initiator, "iSCSI login complete");
+                let shared = Shared {
+                    targets: self.targets.as_ref(),
+                    sessions: &self.sessions,
+                    portal,
+                    keepalive: self.keepalive,
+                    peer,
+                };
+                connection::serve(stream, input, login, &shared, shutdown).await;
+            }
+            Ok(Err(LoginError::Refused { class, detail, why })) => {
+                tracing::warn!(%peer, class, detail, %why, "iSCSI login refused")
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "iSCSI login ended"),
+            Err(_) => tracing::warn!(%peer, "iSCSI login timed out"),
+        }
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Returns once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// `address:port` as SendTargets writes it (IPv6 in brackets).
+fn portal(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(v4) => v4.to_string(),
+        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+    }
+}

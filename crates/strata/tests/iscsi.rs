@@ -1,0 +1,291 @@
+//! `strata serve` as an iSCSI target, driven by libiscsi's tools (iscsi-inq, iscsi-ls,
+//! iscsi-readcapacity16, iscsi-swp), qemu's iSCSI driver, and a hand-written initiator for
+//! digests, reservations and bad bytes.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::initiator::{Initiator, read10, write10};
+use common::{Server, data_dir, qemu_io, run};
+
+const HOST1: &str = "iqn.2026-11.test:host1";
+const HOST9: &str = "iqn.2026-11.test:host9";
+const SECRET: &str = "alice-secret-123";
+const MUTUAL: &str = "target-secret-456";
+
+/// Runs a libiscsi tool; returns (success, stdout + stderr).
+fn tool(program: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn tools_see_identity_and_chap_and_masking_hold() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(1, "256M");
+    server.ok(&["volume", "create", "v1", "--size", "64M"]);
+    let iqn = "iqn.2026-11.io.strata:tools";
+    server.ok(&[
+        "export",
+        "add",
+        "v1",
+        "--iscsi",
+        "--iqn",
+        iqn,
+        "--lun",
+        "3",
+        "--allow",
+        HOST1,
+        "--chap-user",
+        "alice",
+        "--chap-secret",
+        SECRET,
+        "--mutual-user",
+        "target",
+        "--mutual-secret",
+        MUTUAL,
+    ]);
+    let exports = server.json(&["export", "list"]);
+    let export = exports.as_array().unwrap().iter().find(|e| e["protocol"] == "iscsi").unwrap().clone();
+    assert_eq!(export["name"], iqn);
+    assert_eq!(export["lun"], 3);
+    assert_eq!(export["portal"], server.iscsi.as_str());
+    assert!(export["chap"].get("secret").is_none(), "listings leave secrets out: {export}");
+    let table = server.ok(&["export", "list"]);
+    assert!(table.contains("PORTAL") && table.contains(iqn) && table.contains(&server.iscsi), "{table}");
+
+    let portal = &server.iscsi;
+    let url = format!("iscsi://alice%{SECRET}@{portal}/{iqn}/3");
+    let (ok, inq) = tool("iscsi-inq", &["-i", HOST1, &url]);
+    assert!(ok, "{inq}");
+    assert!(inq.contains("STRATA") && inq.contains("VOLUME"), "{inq}");
+    let (ok, serial) = tool("iscsi-inq", &["-i", HOST1, "-e", "1", "-c", "0x80", &url]);
+    let volume = server.json(&["volume", "show", "v1"]);
+    let id = volume["id"].as_str().unwrap().replace('-', "");
+    assert!(ok && serial.contains(&id), "serial number is the volume id {id}: {serial}");
+    let (ok, capacity) = tool("iscsi-readcapacity16", &["-i", HOST1, "-s", &url]);
+    assert!(ok && capacity.trim() == (64u64 << 20).to_string(), "{capacity}");
+
+    // Discovery shows the target only to an allowed initiator; -s logs in to list LUNs.
+    let (ok, listed) = tool("iscsi-ls", &["-i", HOST1, &format!("iscsi://{portal}")]);
+    assert!(ok && listed.contains(iqn), "{listed}");
+    let (_, hidden) = tool("iscsi-ls", &["-i", HOST9, &format!("iscsi://{portal}")]);
+    assert!(!hidden.contains(iqn), "masked target listed for {HOST9}: {hidden}");
+    let (ok, luns) = tool("iscsi-ls", &["-i", HOST1, "-s", &format!("iscsi://alice%{SECRET}@{portal}")]);
+    assert!(ok && luns.contains("Lun:3"), "{luns}");
+    let (_, no_chap) = tool("iscsi-ls", &["-i", HOST1, "-s", &format!("iscsi://{portal}")]);
+    assert!(!no_chap.contains("Lun:3"), "LUNs listed without CHAP: {no_chap}");
+
+    // Mutual CHAP: the target proves itself; a wrong expectation fails the login.
+    let mutual = format!("{url}?target_user=target&target_password={MUTUAL}");
+    let (ok, out) = tool("iscsi-inq", &["-i", HOST1, &mutual]);
+    assert!(ok, "mutual CHAP: {out}");
+    let (ok, _) = tool(
+        "iscsi-inq",
+        &["-i", HOST1, &format!("{url}?target_user=target&target_password=wrong-secret-0")],
+    );
+    assert!(!ok, "the initiator must refuse a target that cannot answer its challenge");
+
+    // Refused: a wrong secret, no CHAP at all, an initiator not on the allow-list.
+    let (ok, _) =
+        tool("iscsi-inq", &["-i", HOST1, &format!("iscsi://alice%wrong-secret-00@{portal}/{iqn}/3")]);
+    assert!(!ok, "a wrong CHAP secret logged in");
+    let (ok, _) = tool("iscsi-inq", &["-i", HOST1, &format!("iscsi://{portal}/{iqn}/3")]);
+    assert!(!ok, "a login without CHAP got in");
+    let (ok, _) = tool("iscsi-inq", &["-i", HOST9, &url]);
+    assert!(!ok, "an initiator not on the allow-list logged in");
+    assert!(server.log().contains("not allowed on target"), "the refusal is logged");
+
+    // Software write protect through MODE SELECT, seen by the next session.
+    let (ok, out) = tool("iscsi-swp", &["-i", HOST1, "-s", "on", &url]);
+    assert!(ok, "{out}");
+    let (_, out) = tool("iscsi-swp", &["-i", HOST1, &url]);
+    assert!(out.contains("SWP:1"), "{out}");
+    let (ok, out) = tool("iscsi-swp", &["-i", HOST1, "-s", "off", &url]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn iscsi_and_nbd_serve_the_same_bytes() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(4, "256M");
+    let nbd = server.volume("both", "64M", "raid10");
+    let iqn = "iqn.2026-11.io.strata:both";
+    server.ok(&["export", "add", "both", "--iscsi", "--iqn", iqn]);
+    let iscsi = format!("iscsi://{}/{iqn}/0", server.iscsi);
+    qemu_io(&iscsi, &["write -P 0x5a 1M 3M", "write -P 0xc3 20M 64k"]);
+    qemu_io(&nbd, &["read -P 0x5a 1M 3M", "read -P 0xc3 20M 64k", "write -P 0x77 40M 1M"]);
+    qemu_io(&iscsi, &["read -P 0x77 40M 1M", "read -P 0 0 1M"]);
+    // Whole-volume copies through both frontends are identical.
+    let a = dir.with_extension("a.raw");
+    let b = dir.with_extension("b.raw");
+    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &iscsi, a.to_str().unwrap()]);
+    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &nbd, b.to_str().unwrap()]);
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "iSCSI and NBD copies differ");
+    // Removing the iSCSI export leaves NBD serving.
+    server.ok(&["export", "remove", "both", "--iscsi"]);
+    assert!(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 4k", &iscsi])
+            .output()
+            .map(|o| !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("error"))
+            .unwrap()
+    );
+    qemu_io(&nbd, &["read -P 0x77 40M 1M"]);
+}
+
+/// PERSISTENT RESERVE OUT with a 24-byte parameter list.
+fn prout(
+    s: &mut Initiator,
+    action: u8,
+    kind: u8,
+    key: u64,
+    sa_key: u64,
+    aptpl: bool,
+) -> common::initiator::ScsiResult {
+    let mut params = vec![0u8; 24];
+    params[..8].copy_from_slice(&key.to_be_bytes());
+    params[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    params[20] = u8::from(aptpl);
+    let cdb = [0x5f, action, kind, 0, 0, 0, 0, 0, 24, 0];
+    s.command(&cdb, &params, 0).unwrap()
+}
+
+/// PERSISTENT RESERVE IN: (generation, keys) for READ KEYS, or the reservation.
+fn prin(s: &mut Initiator, action: u8) -> Vec<u8> {
+    let cdb = [0x5e, action, 0, 0, 0, 0, 0, 0x01, 0, 0];
+    let r = s.command(&cdb, &[], 256).unwrap();
+    assert_eq!(r.status, 0, "PERSISTENT RESERVE IN: {r:?}");
+    r.data
+}
+
+#[test]
+fn persistent_reservations_survive_a_restart() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(2, "256M");
+    server.ok(&["volume", "create", "pr", "--size", "32M", "--layout", "mirror"]);
+    let iqn = "iqn.2026-11.io.strata:pr";
+    server.ok(&["export", "add", "pr", "--iscsi", "--iqn", iqn]);
+    let mut a = Initiator::login(&server.iscsi, iqn, HOST1, false).unwrap();
+    let key = 0x1122_3344_5566_7788;
+    assert_eq!(prout(&mut a, 0x00, 0, 0, key, true).status, 0, "REGISTER with APTPL");
+    assert_eq!(prout(&mut a, 0x01, 0x03, key, 0, false).status, 0, "RESERVE exclusive access");
+    // Another initiator, not registered, is shut out.
+    let mut b = Initiator::login(&server.iscsi, iqn, HOST9, false).unwrap();
+    let r = b.command(&read10(0, 1), &[], 4096).unwrap();
+    assert_eq!(r.status, 0x18, "RESERVATION CONFLICT for the other initiator: {r:?}");
+    drop((a, b));
+    server.kill9();
+
+    let server = Server::start(&dir);
+    let mut a = Initiator::login(&server.iscsi, iqn, HOST1, false).unwrap();
+    let keys = prin(&mut a, 0x00);
+    assert_eq!(u32::from_be_bytes(keys[4..8].try_into().unwrap()), 8, "one key after the restart: {keys:?}");
+    assert_eq!(u64::from_be_bytes(keys[8..16].try_into().unwrap()), key);
+    let reservation = prin(&mut a, 0x01);
+    assert_eq!(
+        u32::from_be_bytes(reservation[4..8].try_into().unwrap()),
+        16,
+        "a reservation: {reservation:?}"
+    );
+    assert_eq!(u64::from_be_bytes(reservation[8..16].try_into().unwrap()), key);
+    assert_eq!(reservation[21] & 0x0f, 0x03, "exclusive access");
+    let mut b = Initiator::login(&server.iscsi, iqn, HOST9, false).unwrap();
+    assert_eq!(b.command(&read10(0, 1), &[], 4096).unwrap().status, 0x18);
+    // The holder releases and unregisters; the others are free again.
+    assert_eq!(prout(&mut a, 0x02, 0x03, key, 0, false).status, 0, "RELEASE");
+    assert_eq!(prout(&mut a, 0x00, 0, key, 0, false).status, 0, "unregister");
+    assert_eq!(b.command(&read10(0, 1), &[], 4096).unwrap().status, 0);
+}
+
+#[test]
+fn digests_are_checked_both_ways() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(1, "256M");
+    server.ok(&["volume", "create", "d", "--size", "16M"]);
+    let iqn = "iqn.2026-11.io.strata:digests";
+    server.ok(&["export", "add", "d", "--iscsi", "--iqn", iqn]);
+    let mut s = Initiator::login(&server.iscsi, iqn, HOST1, true).unwrap();
+    assert!(s.header_digest && s.data_digest, "the target accepts CRC32C digests");
+    let block: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+    assert_eq!(s.command(&write10(8, 2), &block, 0).unwrap().status, 0);
+    // Digests on every reply are checked by the initiator as it reads.
+    assert_eq!(s.command(&read10(8, 2), &[], 8192).unwrap().data, block);
+
+    // A corrupted data digest is rejected and the connection ends (ErrorRecoveryLevel 0);
+    // the block is not written.
+    let other = Initiator::login(&server.iscsi, iqn, HOST9, true);
+    let mut other = other.unwrap();
+    let header = s.command_header(&write10(8, 1), 4096, false, true);
+    s.send(&header, &[0xee; 4096], true);
+    let reply = s.read().expect("a Reject before the connection closes");
+    assert_eq!((reply.opcode(), reply.header[2]), (0x3f, 0x02), "Reject, data digest error");
+    assert!(s.closed_within(Duration::from_secs(5)), "the connection closes");
+    let back = other.command(&read10(8, 2), &[], 8192).unwrap();
+    assert_eq!(back.data, block, "the damaged write was not applied; the other session carries on");
+}
+
+#[test]
+fn garbage_and_truncated_pdus_leave_the_target_serving() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(1, "256M");
+    server.ok(&["volume", "create", "g", "--size", "16M"]);
+    let iqn = "iqn.2026-11.io.strata:garbage";
+    server.ok(&["export", "add", "g", "--iscsi", "--iqn", iqn]);
+    let mut steady = Initiator::login(&server.iscsi, iqn, HOST1, false).unwrap();
+    let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    for round in 0..40 {
+        let mut c = TcpStream::connect(&server.iscsi).unwrap();
+        let len = (next() % 300) as usize;
+        let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if round % 3 == 0 && bytes.len() >= 48 {
+            bytes[0] = 0x43; // looks like a login, then garbage or a cut
+        }
+        let _ = c.write_all(&bytes);
+        drop(c);
+    }
+    // Bad PDUs inside a logged-in session: data beyond the expected length, an unknown
+    // opcode, a CmdSN far outside the window, a truncated PDU then hang-up.
+    let mut bad = Initiator::login(&server.iscsi, iqn, HOST9, false).unwrap();
+    let mut header = [0u8; 48];
+    header[0] = 0x1c; // not an opcode
+    header[1] = 0x80;
+    bad.send(&header, &[], false);
+    let reply = bad.read().unwrap();
+    assert_eq!((reply.opcode(), reply.header[2]), (0x3f, 0x05), "Reject, command not supported");
+    let mut outside = bad.command_header(&read10(0, 1), 4096, true, false);
+    outside[24..28].copy_from_slice(&0x4000_0000u32.to_be_bytes());
+    bad.send(&outside, &[], false);
+    let header = bad.command_header(&write10(0, 1), 512, false, true);
+    bad.send(&header, &[0u8; 4096], false);
+    let reply = bad.read().unwrap();
+    assert_eq!(reply.opcode(), 0x3f, "immediate data beyond the expected length is rejected");
+    assert!(bad.closed_within(Duration::from_secs(5)));
+    let mut cut = Initiator::login(&server.iscsi, iqn, "iqn.2026-11.test:cut", false).unwrap();
+    let header = cut.command_header(&write10(0, 2), 8192, false, true);
+    cut.stream.write_all(&header[..30]).unwrap();
+    drop(cut);
+
+    // Everyone else is unaffected.
+    let r = steady.command(&write10(4, 1), &[0x42; 4096], 0).unwrap();
+    assert_eq!(r.status, 0);
+    assert_eq!(steady.command(&read10(4, 1), &[], 4096).unwrap().data, vec![0x42; 4096]);
+    let (ok, out) = tool("iscsi-inq", &[&format!("iscsi://{}/{iqn}/0", server.iscsi)]);
+    assert!(ok, "{out}");
+}
