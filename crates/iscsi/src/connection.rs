@@ -7,8 +7,10 @@
 //! already started always run to completion (the block-IO contract); an aborted command's
 //! response is not sent, and the task management response waits for it.
 //!
-//! At ErrorRecoveryLevel 0 a protocol error (bad digest, DataSN or offset out of order,
-//! data beyond a burst) is answered with a Reject and ends the connection.
+//! At ErrorRecoveryLevel 0 a protocol error (a bad digest, a PDU too long, immediate
+//! data beyond what was negotiated) is answered with a Reject and ends the connection.
+//! Data-Out out of sequence (DataSN, offset, transfer tag, beyond its burst) ends only its
+//! command, with CHECK CONDITION: the header was sound, so the connection still frames.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -38,6 +40,9 @@ const READ_ROOM: usize = 256 << 10;
 /// Fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB (for a transfer too large to
 /// take).
 const INVALID_FIELD_IN_CDB: [u8; 18] = [0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0];
+
+/// Fixed-format sense: ABORTED COMMAND, DATA PHASE ERROR (Data-Out out of sequence).
+const DATA_PHASE_ERROR: [u8; 18] = [0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, 0, 0, 0, 0, 0];
 
 /// SCSI Command flags.
 const READ: u8 = 0x40;
@@ -90,8 +95,23 @@ struct Receiving {
     r2t_sn: u32,
 }
 
-type Done = (u32, Outcome, u32, bool);
+/// A finished command: its ITT, outcome, expected transfer length, read flag, and the
+/// data-out length its CDB asked for (for write residuals).
+type Done = (u32, Outcome, u32, bool, u64);
 type Running = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// A command being executed.
+struct Executing {
+    lun: u64,
+    /// Aborted: its response is not sent.
+    aborted: bool,
+    /// Its work goes on by itself (SANITIZE runs on a thread of its own), so aborts and a
+    /// closing connection need not wait for it.
+    background: bool,
+}
+
+/// SANITIZE, the one command whose work outlives it.
+const SANITIZE: u8 = 0x48;
 
 /// A task management response waiting for aborted commands to finish.
 struct PendingTmf {
@@ -113,8 +133,8 @@ struct Connection<'a> {
     /// Commands that arrived ahead of ExpCmdSN, by CmdSN.
     queued: BTreeMap<u32, Pdu>,
     receiving: HashMap<u32, Receiving>,
-    /// ITTs of commands executing, and whether their response is suppressed (aborted).
-    executing: HashMap<u32, (u64, bool)>,
+    /// Commands executing, by ITT.
+    executing: HashMap<u32, Executing>,
     running: FuturesUnordered<Running>,
     tmfs: Vec<PendingTmf>,
     next_ttt: u32,
@@ -187,7 +207,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         while let Some(Some(done)) = conn.running.next().now_or_never() {
             conn.complete(done);
         }
-        if conn.running.is_empty()
+        if conn.executing.values().all(|e| e.background)
             && let Some(logout) = conn.logout.take()
         {
             conn.logout_response(&logout);
@@ -196,7 +216,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             writable = stream.write_all(&conn.output).await.is_ok();
             conn.output.clear();
         }
-        if conn.closing.is_some() && conn.running.is_empty() {
+        if conn.closing.is_some() && conn.executing.values().all(|e| e.background) {
+            // Only work that goes on by itself is left: dropping its future is safe.
             break;
         }
         if input.capacity() - input.len() < READ_ROOM / 4 {
@@ -453,7 +474,7 @@ impl Connection<'_> {
                 data: Bytes::new(),
                 sense: Some(Bytes::from_static(&INVALID_FIELD_IN_CDB)),
             };
-            self.respond(itt, outcome, edtl, false);
+            self.respond(itt, outcome, edtl, false, 0);
             return;
         }
         let unsolicited = if self.params.initial_r2t || pdu.is_final() {
@@ -537,8 +558,17 @@ impl Connection<'_> {
             None
         };
         if let Some(why) = why {
-            self.receiving.remove(&itt);
-            self.protocol_error(&pdu.header, why);
+            // The header is sound, so framing holds: end this task with CHECK CONDITION
+            // (ABORTED COMMAND, DATA PHASE ERROR) and keep the connection; later Data-Out
+            // for it is ignored.
+            tracing::warn!(peer = %self.shared.peer, itt, why, "iSCSI data sequence error; the command is aborted");
+            let task = self.receiving.remove(&itt).expect("present");
+            let outcome = Outcome {
+                status: Status::CheckCondition,
+                data: Bytes::new(),
+                sense: Some(Bytes::from_static(&DATA_PHASE_ERROR)),
+            };
+            self.respond(itt, outcome, task.edtl, false, 0);
             return;
         }
         task.data_sn += 1;
@@ -552,31 +582,38 @@ impl Connection<'_> {
         let luns = self.luns.clone();
         let nexus = self.nexus.clone();
         let command = Command { cdb, data_out, allocation: if read { edtl } else { 0 } };
-        self.executing.insert(itt, (lun, false));
+        let background = command.cdb.first() == Some(&SANITIZE);
+        self.executing.insert(itt, Executing { lun, aborted: false, background });
         self.running.push(Box::pin(async move {
             let outcome = strata_scsi::execute(&luns, lun, &nexus, &command).await;
-            (itt, outcome, edtl, read)
+            let wanted_out = luns.get(&lun).map_or(0, |lu| lu.data_out_length(&command.cdb));
+            (itt, outcome, edtl, read, wanted_out)
         }));
     }
 
-    fn complete(&mut self, (itt, outcome, edtl, read): Done) {
-        let aborted = self.executing.remove(&itt).is_some_and(|(_, aborted)| aborted);
+    fn complete(&mut self, (itt, outcome, edtl, read, wanted_out): Done) {
+        let aborted = self.executing.remove(&itt).is_some_and(|e| e.aborted);
         if aborted {
             self.tmf_progress(itt);
         } else {
-            self.respond(itt, outcome, edtl, read);
+            self.respond(itt, outcome, edtl, read, wanted_out);
         }
     }
 
-    /// Sends a command's data and status.
-    fn respond(&mut self, itt: u32, outcome: Outcome, edtl: u32, read: bool) {
+    /// Sends a command's data and status. Residuals compare what the command wanted to
+    /// move (its data-in, or the data-out its CDB asks for) with the expected transfer
+    /// length: more is an overflow, less an underflow.
+    fn respond(&mut self, itt: u32, outcome: Outcome, edtl: u32, read: bool, wanted_out: u64) {
         let produced = outcome.data.len() as u64;
         let expected = if read { u64::from(edtl) } else { 0 };
         let sent = produced.min(expected) as usize;
-        let (residual_flag, residual) = if produced > expected {
-            (OVERFLOW, (produced - expected).min(u64::from(u32::MAX)) as u32)
-        } else if produced < expected && read {
-            (UNDERFLOW, (expected - produced) as u32)
+        let wanted = if read || (wanted_out == 0 && produced > 0) { produced } else { wanted_out };
+        let edtl = u64::from(edtl);
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let (residual_flag, residual) = if wanted > edtl {
+            (OVERFLOW, clamp(wanted - edtl))
+        } else if wanted < edtl {
+            (UNDERFLOW, clamp(edtl - wanted))
         } else {
             (0, 0)
         };
@@ -666,9 +703,11 @@ impl Connection<'_> {
                 let referenced = pdu.u32_at(20);
                 if self.receiving.remove(&referenced).is_some() {
                     tmf::COMPLETE
-                } else if let Some((_, aborted)) = self.executing.get_mut(&referenced) {
-                    *aborted = true;
-                    waiting.push(referenced);
+                } else if let Some(task) = self.executing.get_mut(&referenced) {
+                    task.aborted = true;
+                    if !task.background {
+                        waiting.push(referenced);
+                    }
                     tmf::COMPLETE
                 } else {
                     let ref_cmd_sn = pdu.u32_at(32);
@@ -724,10 +763,12 @@ impl Connection<'_> {
             p.opcode() != op::SCSI_COMMAND || lun.is_some_and(|l| l != strata_scsi::decode_lun(p.lun()))
         });
         let mut waiting = Vec::new();
-        for (itt, (task_lun, aborted)) in &mut self.executing {
-            if lun.is_none_or(|l| l == *task_lun) {
-                *aborted = true;
-                waiting.push(*itt);
+        for (itt, task) in &mut self.executing {
+            if lun.is_none_or(|l| l == task.lun) {
+                task.aborted = true;
+                if !task.background {
+                    waiting.push(*itt);
+                }
             }
         }
         waiting
