@@ -65,7 +65,7 @@ fn tools_see_identity_and_chap_and_masking_hold() {
     let (ok, inq) = tool("iscsi-inq", &["-i", HOST1, &url]);
     assert!(ok, "{inq}");
     assert!(inq.contains("STRATA") && inq.contains("VOLUME"), "{inq}");
-    let (ok, serial) = tool("iscsi-inq", &["-i", HOST1, "-e", "1", "-c", "0x80", &url]);
+    let (ok, serial) = tool("iscsi-inq", &["-i", HOST1, "-e", "1", "-c", "128", &url]);
     let volume = server.json(&["volume", "show", "v1"]);
     let id = volume["id"].as_str().unwrap().replace('-', "");
     assert!(ok && serial.contains(&id), "serial number is the volume id {id}: {serial}");
@@ -119,25 +119,29 @@ fn iscsi_and_nbd_serve_the_same_bytes() {
     let nbd = server.volume("both", "64M", "raid10");
     let iqn = "iqn.2026-11.io.strata:both";
     server.ok(&["export", "add", "both", "--iscsi", "--iqn", iqn]);
-    let iscsi = format!("iscsi://{}/{iqn}/0", server.iscsi);
-    qemu_io(&iscsi, &["write -P 0x5a 1M 3M", "write -P 0xc3 20M 64k"]);
-    qemu_io(&nbd, &["read -P 0x5a 1M 3M", "read -P 0xc3 20M 64k", "write -P 0x77 40M 1M"]);
-    qemu_io(&iscsi, &["read -P 0x77 40M 1M", "read -P 0 0 1M"]);
-    // Whole-volume copies through both frontends are identical.
-    let a = dir.with_extension("a.raw");
-    let b = dir.with_extension("b.raw");
-    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &iscsi, a.to_str().unwrap()]);
-    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &nbd, b.to_str().unwrap()]);
-    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "iSCSI and NBD copies differ");
-    // Removing the iSCSI export leaves NBD serving.
+    let mut s = Initiator::login(&server.iscsi, iqn, HOST1, false).unwrap();
+    // Written over iSCSI (64 KiB commands: immediate data), read over NBD.
+    let pattern = vec![0x5a; 64 << 10];
+    for lba in (256..1024).step_by(16) {
+        assert_eq!(s.command(&write10(lba, 16), &pattern, 0).unwrap().status, 0);
+    }
+    qemu_io(&nbd, &["read -P 0x5a 1M 3M", "read -P 0 4M 1M", "write -P 0x77 40M 1M"]);
+    // Written over NBD, read over iSCSI in 1 MiB commands (many Data-In PDUs each).
+    let read = s.command(&read10(10240, 256), &[], 1 << 20).unwrap();
+    assert_eq!(read.status, 0);
+    assert!(read.data.iter().all(|b| *b == 0x77) && read.data.len() == 1 << 20, "NBD's write seen over iSCSI");
+    // The first 8 MiB read both ways are identical.
+    let copy = dir.with_extension("nbd.raw");
+    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &nbd, copy.to_str().unwrap()]);
+    let via_nbd = std::fs::read(&copy).unwrap();
+    let mut via_iscsi = Vec::new();
+    for lba in (0..2048u32).step_by(256) {
+        via_iscsi.extend(s.command(&read10(lba, 256), &[], 1 << 20).unwrap().data);
+    }
+    assert!(via_iscsi == via_nbd[..8 << 20], "iSCSI and NBD disagree about the first 8 MiB");
+    // Removing the iSCSI export leaves NBD serving; new iSCSI logins are refused.
     server.ok(&["export", "remove", "both", "--iscsi"]);
-    assert!(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "read 0 4k", &iscsi])
-            .output()
-            .map(|o| !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("error"))
-            .unwrap()
-    );
+    assert!(Initiator::login(&server.iscsi, iqn, HOST1, false).is_err());
     qemu_io(&nbd, &["read -P 0x77 40M 1M"]);
 }
 
@@ -272,6 +276,7 @@ fn garbage_and_truncated_pdus_leave_the_target_serving() {
     let mut outside = bad.command_header(&read10(0, 1), 4096, true, false);
     outside[24..28].copy_from_slice(&0x4000_0000u32.to_be_bytes());
     bad.send(&outside, &[], false);
+    bad.cmd_sn -= 1; // that command took no CmdSN: the target ignored it
     let header = bad.command_header(&write10(0, 1), 512, false, true);
     bad.send(&header, &[0u8; 4096], false);
     let reply = bad.read().unwrap();

@@ -16,7 +16,7 @@ pub struct Initiator {
     pub stream: TcpStream,
     pub header_digest: bool,
     pub data_digest: bool,
-    cmd_sn: u32,
+    pub cmd_sn: u32,
     exp_stat_sn: u32,
     itt: u32,
     /// MaxRecvDataSegmentLength the target declared.
