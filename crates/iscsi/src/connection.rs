@@ -100,6 +100,61 @@ struct Receiving {
 type Done = (u32, Outcome, u32, bool, u64);
 type Running = Pin<Box<dyn Future<Output = Done> + Send>>;
 
+/// What a connection has to send: small PDUs are copied into one buffer, large data
+/// segments are queued as they are and go out with the rest in one vectored write.
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+    frames: Vec<Bytes>,
+}
+
+impl Outbox {
+    /// Data segments at least this long are not copied.
+    const COPY_LIMIT: usize = 16 << 10;
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.frames.is_empty()
+    }
+
+    /// A data segment with its padding and digest, after the header just encoded.
+    fn data(&mut self, data: Bytes, digests: Digests) {
+        if data.len() < Self::COPY_LIMIT {
+            pdu::encode_data(&mut self.buf, &data, digests);
+            return;
+        }
+        let (trailer, len) = pdu::data_trailer(&data, digests);
+        self.frames.push(self.buf.split().freeze());
+        self.frames.push(data);
+        self.buf.put_slice(&trailer[..len]);
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, stream: &mut W) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.frames.push(self.buf.split().freeze());
+        }
+        let mut frames: std::collections::VecDeque<Bytes> = self.frames.drain(..).filter(|f| !f.is_empty()).collect();
+        while !frames.is_empty() {
+            let slices: Vec<std::io::IoSlice<'_>> = frames.iter().take(64).map(|f| std::io::IoSlice::new(f)).collect();
+            let mut written = stream.write_vectored(&slices).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let front = frames.front_mut().expect("written bytes came from frames");
+                if written >= front.len() {
+                    written -= front.len();
+                    frames.pop_front();
+                } else {
+                    bytes::Buf::advance(front, written);
+                    written = 0;
+                }
+            }
+        }
+        self.buf.reserve(64 << 10);
+        Ok(())
+    }
+}
+
 /// A command being executed.
 struct Executing {
     lun: u64,
@@ -140,7 +195,7 @@ struct Connection<'a> {
     next_ttt: u32,
     /// SendTargets answers too long for one PDU: the rest, by target transfer tag.
     text_rest: Option<(u32, Bytes)>,
-    output: BytesMut,
+    output: Outbox,
     /// A reason to stop reading and close once work drains.
     closing: Option<String>,
     logout: Option<Pdu>,
@@ -186,7 +241,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         tmfs: Vec::new(),
         next_ttt: 1,
         text_rest: None,
-        output: BytesMut::with_capacity(64 << 10),
+        output: Outbox::default(),
         closing: None,
         logout: None,
         ping: None,
@@ -213,8 +268,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             conn.logout_response(&logout);
         }
         if writable && !conn.output.is_empty() {
-            writable = stream.write_all(&conn.output).await.is_ok();
-            conn.output.clear();
+            writable = conn.output.flush(&mut stream).await.is_ok();
         }
         if conn.closing.is_some() && conn.executing.values().all(|e| e.background) {
             // Only work that goes on by itself is left: dropping its future is safe.
@@ -342,7 +396,7 @@ impl Connection<'_> {
     fn send(&mut self, mut pdu: Pdu) {
         pdu.set_u32(28, self.exp_cmd_sn);
         pdu.set_u32(32, self.exp_cmd_sn.wrapping_add(COMMAND_WINDOW - 1));
-        pdu::encode(&mut self.output, &pdu, self.digests);
+        pdu::encode(&mut self.output.buf, &pdu, self.digests);
     }
 
     fn send_ping(&mut self) {
@@ -642,8 +696,8 @@ impl Connection<'_> {
             }
             pdu.set_u32(28, self.exp_cmd_sn);
             pdu.set_u32(32, self.exp_cmd_sn.wrapping_add(COMMAND_WINDOW - 1));
-            pdu::encode_header(&mut self.output, &pdu, len, self.digests);
-            pdu::encode_data(&mut self.output, &chunk, self.digests);
+            pdu::encode_header(&mut self.output.buf, &pdu, len, self.digests);
+            self.output.data(chunk, self.digests);
             data_sn += 1;
             offset += len;
         }

@@ -23,6 +23,7 @@ pub async fn run(cli: &Cli) -> Result<(), String> {
                 println!("Strata {}  up {}s", text(&s["version"]), s["uptime_seconds"]);
                 println!("API      {}", text(&s["api"]));
                 println!("NBD      {}  ({} connections)", text(&s["nbd"]), s["nbd_connections"]);
+                println!("iSCSI    {}  ({} sessions)", text(&s["iscsi"]), s["iscsi_sessions"]);
                 println!("Pool     {pool}");
                 let d = &s["devices"];
                 println!("Devices  {} ({} online, {} missing)", d["total"], d["online"], d["missing"]);

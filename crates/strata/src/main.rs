@@ -220,6 +220,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(ref args) => {
             init_logging();
+            keep_large_buffers();
             serve_config(&cli, args).and_then(|config| runtime.block_on(strata_controller::serve(config)))
         }
         _ => runtime.block_on(commands::run(&cli)),
@@ -230,6 +231,21 @@ fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Makes IO buffers of up to 32 MiB come from the heap, where freed ones are reused,
+/// instead of being mapped afresh: glibc maps allocations over 128 KiB until it has seen
+/// such a block freed, so in a new process every 1 MiB read paid page faults and the
+/// kernel's zeroing of 256 pages, which halved 1 MiB read throughput (NBD and iSCSI).
+fn keep_large_buffers() {
+    // SAFETY: mallopt only changes allocator tunables; it is called before any thread
+    // that allocates is started.
+    let set = unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20) == 1
+    };
+    if !set {
+        tracing::warn!("cannot tune the memory allocator; large reads may be slower");
     }
 }
 
