@@ -548,8 +548,8 @@ impl Controller {
             return Err(Failure::new(
                 FailureKind::Conflict,
                 format!(
-                    "volume '{}' is already exported over {} as '{}'; remove that export first",
-                    existing.record.volume, record.protocol, existing.record.name
+                    "volume '{}' is already exported as '{}' over {}; remove that export first",
+                    existing.record.volume, existing.record.name, record.protocol
                 ),
             ));
         }
@@ -587,19 +587,13 @@ impl Controller {
             target_port_group: 1,
             read_only: record.read_only,
         };
-        let persisted =
-            pool.reservations(&record.volume).await.map(|hex| decode_hex(&hex)).transpose().map_err(|e| {
-                Failure::new(
-                    FailureKind::Internal,
-                    format!("volume '{}': recorded reservations are damaged: {e}", record.volume),
-                )
-            })?;
+        let persisted = pool.reservations(&record.volume).await;
         let store = Arc::new(ReservationsOnDevices { pool, volume: record.volume.clone() });
         let device = self.metrics.meter(Scope::iscsi, &record.volume, self.volume_io(&record.volume)?);
         strata_scsi::LogicalUnit::new(
             device,
             identity,
-            persisted.as_deref(),
+            persisted.as_deref().map(str::as_bytes),
             store,
             self.lu_directory.clone(),
         )
@@ -764,20 +758,9 @@ struct ReservationsOnDevices {
 #[async_trait::async_trait]
 impl strata_scsi::ReservationStore for ReservationsOnDevices {
     async fn save(&self, state: bytes::Bytes) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let value = (!state.is_empty()).then(|| state.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        // The logical unit's state is JSON text, kept as such in the pool configuration.
+        let value = if state.is_empty() { None } else { Some(String::from_utf8(state.to_vec())?) };
         self.pool.set_reservations(&self.volume, value).await?;
         Ok(())
     }
-}
-
-fn decode_hex(text: &str) -> Result<Vec<u8>, String> {
-    if text.len() % 2 != 0 {
-        return Err("odd number of hex digits".into());
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| format!("'{}' is not hex", &text[i..i + 2]))
-        })
-        .collect()
 }

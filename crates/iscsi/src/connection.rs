@@ -132,9 +132,11 @@ impl Outbox {
         if !self.buf.is_empty() {
             self.frames.push(self.buf.split().freeze());
         }
-        let mut frames: std::collections::VecDeque<Bytes> = self.frames.drain(..).filter(|f| !f.is_empty()).collect();
+        let mut frames: std::collections::VecDeque<Bytes> =
+            self.frames.drain(..).filter(|f| !f.is_empty()).collect();
         while !frames.is_empty() {
-            let slices: Vec<std::io::IoSlice<'_>> = frames.iter().take(64).map(|f| std::io::IoSlice::new(f)).collect();
+            let slices: Vec<std::io::IoSlice<'_>> =
+                frames.iter().take(64).map(|f| std::io::IoSlice::new(f)).collect();
             let mut written = stream.write_vectored(&slices).await?;
             if written == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
@@ -327,6 +329,12 @@ async fn stopped(stop: Option<&mut watch::Receiver<bool>>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// A buffer length as the 32-bit field it goes in (every buffer here is bounded by
+/// MAX_TRANSFER or a data segment length).
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn nexus(login: &LoggedIn, target: &str) -> Nexus {
@@ -532,7 +540,7 @@ impl Connection<'_> {
             return;
         }
         let unsolicited = if self.params.initial_r2t || pdu.is_final() {
-            immediate as u32
+            len32(immediate)
         } else {
             edtl.min(self.params.first_burst_length)
         };
@@ -556,7 +564,7 @@ impl Connection<'_> {
     /// After data arrived for `itt`: execute it when complete, or ask for the next burst.
     fn advance_write(&mut self, itt: u32, lun_bytes: [u8; 8]) {
         let Some(task) = self.receiving.get_mut(&itt) else { return };
-        let received = task.data.len() as u32;
+        let received = len32(task.data.len());
         if received == task.edtl {
             let task = self.receiving.remove(&itt).expect("present");
             self.execute(itt, task.lun, task.cdb, task.data.freeze(), task.edtl, task.read);
@@ -597,7 +605,7 @@ impl Connection<'_> {
             return;
         };
         let (ttt, data_sn, offset) = (pdu.u32_at(20), pdu.u32_at(36), pdu.u32_at(40));
-        let received = task.data.len() as u32;
+        let received = len32(task.data.len());
         let why = if ttt != task.ttt {
             Some("Data-Out with a target transfer tag that does not match the burst")
         } else if data_sn != task.data_sn {
@@ -627,7 +635,7 @@ impl Connection<'_> {
         }
         task.data_sn += 1;
         task.data.extend_from_slice(&pdu.data);
-        if pdu.is_final() || task.data.len() as u32 == task.burst_end {
+        if pdu.is_final() || len32(task.data.len()) == task.burst_end {
             self.advance_write(itt, pdu.lun());
         }
     }
@@ -660,7 +668,7 @@ impl Connection<'_> {
     fn respond(&mut self, itt: u32, outcome: Outcome, edtl: u32, read: bool, wanted_out: u64) {
         let produced = outcome.data.len() as u64;
         let expected = if read { u64::from(edtl) } else { 0 };
-        let sent = produced.min(expected) as usize;
+        let sent = usize::try_from(produced.min(expected)).unwrap_or(usize::MAX);
         let wanted = if read || (wanted_out == 0 && produced > 0) { produced } else { wanted_out };
         let edtl = u64::from(edtl);
         let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
@@ -680,12 +688,12 @@ impl Connection<'_> {
             let len = (sent - offset).min(segment).min(burst - offset % burst);
             let last = offset + len == sent;
             let mut pdu = Pdu::new(op::DATA_IN);
-            let end_of_sequence = last || (offset + len) % burst == 0;
+            let end_of_sequence = last || (offset + len).is_multiple_of(burst);
             pdu.header[1] = if end_of_sequence { 0x80 } else { 0 };
             pdu.set_u32(16, itt);
             pdu.set_u32(20, NO_TAG);
             pdu.set_u32(36, data_sn);
-            pdu.set_u32(40, offset as u32);
+            pdu.set_u32(40, len32(offset));
             let chunk = outcome.data.slice(offset..offset + len);
             if last && status_in_data {
                 pdu.header[1] |= ACK_STATUS | residual_flag;
@@ -918,8 +926,11 @@ impl Connection<'_> {
         reply.header[1] = 0x80;
         reply.header[2] = if reason == 2 { 2 } else { 0 };
         reply.set_u32(16, request.itt());
-        reply.header[40..42].copy_from_slice(&(self.params.default_time2wait as u16).to_be_bytes());
-        reply.header[42..44].copy_from_slice(&(self.params.default_time2retain as u16).to_be_bytes());
+        reply.header[40..42]
+            .copy_from_slice(&u16::try_from(self.params.default_time2wait).unwrap_or(u16::MAX).to_be_bytes());
+        reply.header[42..44].copy_from_slice(
+            &u16::try_from(self.params.default_time2retain).unwrap_or(u16::MAX).to_be_bytes(),
+        );
         self.send_status(reply);
     }
 }

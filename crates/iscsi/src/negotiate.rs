@@ -210,8 +210,10 @@ impl Parameters {
                     None => "Reject".into(),
                 },
                 "DefaultTime2Retain" => match number(value, 0, 3600) {
-                    Some(n) => {
-                        self.default_time2retain = n.min(ours::DEFAULT_TIME2RETAIN);
+                    Some(_) => {
+                        // The minimum of both; this target's is 0 (no session outlives
+                        // its connection at ErrorRecoveryLevel 0).
+                        self.default_time2retain = ours::DEFAULT_TIME2RETAIN;
                         self.default_time2retain.to_string()
                     }
                     None => "Reject".into(),
@@ -237,13 +239,6 @@ impl Parameters {
             self.max_recv_data_segment_length = ours::MAX_RECV_DATA_SEGMENT_LENGTH;
             answer.push("MaxRecvDataSegmentLength", ours::MAX_RECV_DATA_SEGMENT_LENGTH.to_string());
         }
-    }
-
-    /// Fills in the RFC defaults for keys the initiator did not negotiate but this target
-    /// wants different: it answers InitialR2T and ImmediateData only when asked.
-    pub fn finish(&mut self) {
-        self.error_recovery_level = 0;
-        self.max_connections = 1;
     }
 }
 

@@ -227,7 +227,8 @@ pub fn decode(buf: &mut BytesMut, digests: Digests, max_data: u32) -> Result<Opt
     let mut header = [0; BHS_LEN];
     header.copy_from_slice(&buf[..BHS_LEN]);
     if data_len > max_data as usize {
-        return Err(DecodeError::TooLong { len: data_len as u32, max: max_data, header: Box::new(header) });
+        let len = u32::try_from(data_len).unwrap_or(u32::MAX);
+        return Err(DecodeError::TooLong { len, max: max_data, header: Box::new(header) });
     }
     if head + body > buf.len() {
         buf.reserve(head + body - buf.len());

@@ -242,7 +242,8 @@ fn keep_large_buffers() {
     // SAFETY: mallopt only changes allocator tunables; it is called before any thread
     // that allocates is started.
     let set = unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20) == 1
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20) == 1
     };
     if !set {
         tracing::warn!("cannot tune the memory allocator; large reads may be slower");
