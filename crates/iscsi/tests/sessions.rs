@@ -1,0 +1,149 @@
+//! Session behaviour that needs a clock or two logins: the target's keep-alive pings, and
+//! reinstatement of a session by its ISID. A real listener on loopback, a minimal
+//! initiator written here from RFC 7143.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use strata_block::{BlockIo, MemDevice};
+use strata_iscsi::{IscsiServer, Refusal, TargetNode, Targets};
+use strata_scsi::{Directory, Identity, LogicalUnit, LunMap, ReservationStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TARGET: &str = "iqn.2026-11.io.strata:sessions";
+
+struct Nowhere;
+
+#[async_trait::async_trait]
+impl ReservationStore for Nowhere {
+    async fn save(&self, _: Bytes) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
+}
+
+struct One(Arc<TargetNode>);
+
+impl Targets for One {
+    fn lookup(&self, target: &str, _: &str) -> Result<Arc<TargetNode>, Refusal> {
+        if target == self.0.name { Ok(self.0.clone()) } else { Err(Refusal::NotFound) }
+    }
+    fn list(&self, _: &str) -> Vec<Arc<TargetNode>> {
+        vec![self.0.clone()]
+    }
+    fn generation(&self) -> u64 {
+        0
+    }
+}
+
+/// A server pinging after `interval` of silence, dropping after `timeout` without answer.
+async fn server(interval: Duration, timeout: Duration) -> (String, tokio::sync::watch::Sender<bool>) {
+    let device: Arc<dyn BlockIo> = MemDevice::new("sessions", 1 << 20, 4096);
+    let identity = Identity {
+        vendor: "STRATA".into(),
+        product: "TEST".into(),
+        revision: "0001".into(),
+        serial: "sessions".into(),
+        naa: [0x60; 16],
+        target_port_group: 1,
+        read_only: false,
+    };
+    let lu = LogicalUnit::new(device, identity, None, Arc::new(Nowhere), Arc::new(Directory::new())).unwrap();
+    let mut luns = LunMap::new();
+    luns.insert(0, Arc::new(lu));
+    let node = TargetNode { name: TARGET.into(), alias: None, luns, chap: None, mutual: None };
+    let server = IscsiServer::with_keepalive(Arc::new(One(Arc::new(node))), interval, timeout);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(server.run(listener, stopped));
+    (addr, stop)
+}
+
+fn header(opcode: u8) -> [u8; 48] {
+    let mut h = [0u8; 48];
+    h[0] = opcode;
+    h[1] = 0x80;
+    h
+}
+
+async fn send(s: &mut TcpStream, mut h: [u8; 48], data: &[u8]) {
+    let len = u32::try_from(data.len()).unwrap().to_be_bytes();
+    h[5..8].copy_from_slice(&len[1..]);
+    let mut wire = h.to_vec();
+    wire.extend_from_slice(data);
+    wire.resize(48 + data.len().div_ceil(4) * 4, 0);
+    s.write_all(&wire).await.unwrap();
+}
+
+/// Reads one PDU (header and data), or None when the target closed the connection.
+async fn read(s: &mut TcpStream) -> Option<([u8; 48], Vec<u8>)> {
+    let mut h = [0u8; 48];
+    s.read_exact(&mut h).await.ok()?;
+    let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
+    let mut data = vec![0u8; len.div_ceil(4) * 4];
+    s.read_exact(&mut data).await.ok()?;
+    data.truncate(len);
+    Some((h, data))
+}
+
+async fn login(addr: &str, isid: [u8; 6]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut h = header(0x43);
+    h[1] = 0x80 | (1 << 2) | 3;
+    h[8..14].copy_from_slice(&isid);
+    h[24..28].copy_from_slice(&1u32.to_be_bytes());
+    let keys = format!("InitiatorName=iqn.2026-11.test:host\0TargetName={TARGET}\0SessionType=Normal\0");
+    send(&mut s, h, keys.as_bytes()).await;
+    let (reply, _) = read(&mut s).await.expect("a login response");
+    assert_eq!((reply[0] & 0x3f, reply[36], reply[1] & 0x80), (0x23, 0, 0x80), "logged in");
+    s
+}
+
+/// Waits for the next PDU for at most `wait`.
+async fn next(s: &mut TcpStream, wait: Duration) -> Result<Option<([u8; 48], Vec<u8>)>, ()> {
+    tokio::time::timeout(wait, read(s)).await.map_err(|_| ())
+}
+
+#[tokio::test]
+async fn idle_initiators_are_pinged_and_dropped_when_silent() {
+    let (addr, _stop) = server(Duration::from_millis(200), Duration::from_millis(400)).await;
+    let mut s = login(&addr, [0x80, 0, 0, 0, 0, 1]).await;
+    // Silence: a NOP-In ping with a target transfer tag and no task.
+    let (ping, _) = next(&mut s, Duration::from_secs(2)).await.unwrap().expect("a ping");
+    assert_eq!(ping[0] & 0x3f, 0x20, "NOP-In");
+    assert_eq!(&ping[16..20], &[0xff; 4], "ITT is reserved");
+    assert_ne!(&ping[20..24], &[0xff; 4], "TTT asks for an answer");
+    // Answered: the connection lives on and is pinged again later.
+    let mut answer = header(0x40);
+    answer[16..20].copy_from_slice(&[0xff; 4]);
+    answer[20..24].copy_from_slice(&ping[20..24]);
+    send(&mut s, answer, &[]).await;
+    let (again, _) = next(&mut s, Duration::from_secs(2)).await.unwrap().expect("a second ping");
+    assert_eq!(again[0] & 0x3f, 0x20);
+    // Not answered: dropped.
+    assert!(next(&mut s, Duration::from_secs(2)).await.unwrap().is_none(), "closed after an unanswered ping");
+}
+
+#[tokio::test]
+async fn a_login_with_the_same_isid_reinstates_the_session() {
+    let (addr, _stop) = server(Duration::from_secs(60), Duration::from_secs(60)).await;
+    let isid = [0x80, 0, 0, 0, 0, 2];
+    let mut old = login(&addr, isid).await;
+    let mut other = login(&addr, [0x80, 0, 0, 0, 0, 3]).await;
+    let mut new = login(&addr, isid).await;
+    assert!(next(&mut old, Duration::from_secs(5)).await.unwrap().is_none(), "the old connection is closed");
+    for s in [&mut new, &mut other] {
+        let mut ping = header(0x40);
+        ping[0] |= 0x40; // immediate
+        ping[16..20].copy_from_slice(&7u32.to_be_bytes());
+        ping[20..24].copy_from_slice(&[0xff; 4]);
+        send(s, ping, b"echo").await;
+        let (reply, data) = next(s, Duration::from_secs(2)).await.unwrap().expect("a NOP-In");
+        assert_eq!(
+            (reply[0] & 0x3f, &reply[16..20], data.as_slice()),
+            (0x20, &7u32.to_be_bytes()[..], &b"echo"[..])
+        );
+    }
+}
