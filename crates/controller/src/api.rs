@@ -349,6 +349,10 @@ struct AddExport {
     chap: Option<ChapRecord>,
     #[serde(default)]
     mutual_chap: Option<ChapRecord>,
+    #[serde(default)]
+    block_size: Option<u32>,
+    #[serde(default)]
+    removable: bool,
 }
 
 async fn add_export(State(state): Shared, Body(body): Body<AddExport>) -> Answer {
@@ -367,6 +371,8 @@ async fn add_export(State(state): Shared, Body(body): Body<AddExport>) -> Answer
         lun: body.lun,
         chap: body.chap,
         mutual_chap: body.mutual_chap,
+        block_size: body.block_size,
+        removable: body.removable,
     };
     created(state.controller.add_export(record).await?)
 }

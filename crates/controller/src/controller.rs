@@ -478,8 +478,15 @@ impl Controller {
                         record.name
                     )));
                 }
-                if record.lun.is_some() || record.chap.is_some() || record.mutual_chap.is_some() {
-                    return Err(bad("LUNs and CHAP apply to iSCSI exports only".into()));
+                if record.lun.is_some()
+                    || record.chap.is_some()
+                    || record.mutual_chap.is_some()
+                    || record.block_size.is_some()
+                    || record.removable
+                {
+                    return Err(bad(
+                        "LUNs, CHAP, block sizes and removable media apply to iSCSI exports only".into(),
+                    ));
                 }
                 self.check_export_conflicts(&record)?;
                 let volume = self.volume_io(&record.volume)?;
@@ -590,15 +597,25 @@ impl Controller {
         let persisted = pool.reservations(&record.volume).await;
         let store = Arc::new(ReservationsOnDevices { pool, volume: record.volume.clone() });
         let device = self.metrics.meter(Scope::iscsi, &record.volume, self.volume_io(&record.volume)?);
-        strata_scsi::LogicalUnit::new(
+        let lu = strata_scsi::LogicalUnit::new(
             device,
             identity,
             persisted.as_deref().map(str::as_bytes),
             store,
             self.lu_directory.clone(),
         )
-        .map(Arc::new)
-        .map_err(|e| Failure::new(FailureKind::Internal, format!("volume '{}': {e}", record.volume)))
+        .map_err(|e| Failure::new(FailureKind::Internal, format!("volume '{}': {e}", record.volume)))?
+        .with_removable_medium(record.removable);
+        let lu = match record.block_size {
+            Some(size) => lu.with_logical_block_size(size).map_err(|e| {
+                Failure::new(
+                    FailureKind::BadRequest,
+                    format!("volume '{}': --block-size {size}: {e}", record.volume),
+                )
+            })?,
+            None => lu,
+        };
+        Ok(Arc::new(lu))
     }
 
     /// Exports a volume and records it so it is served again after a restart.
@@ -687,6 +704,8 @@ impl Controller {
                 lun: None,
                 chap: None,
                 mutual_chap: None,
+                block_size: None,
+                removable: false,
             })
             .await?;
         }
@@ -700,6 +719,8 @@ impl Controller {
                 lun: Some(0),
                 chap: None,
                 mutual_chap: None,
+                block_size: None,
+                removable: false,
             })
             .await?;
         }

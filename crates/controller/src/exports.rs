@@ -40,6 +40,15 @@ pub struct ExportRecord {
     /// iSCSI: the user and secret the target answers mutual CHAP with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutual_chap: Option<ChapRecord>,
+    /// iSCSI: the logical block size hosts see (512 emulated on 4096-byte volumes, for
+    /// hosts that need it); None: the volume's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    /// iSCSI: report removable medium (START STOP UNIT ejects, PREVENT ALLOW MEDIUM
+    /// REMOVAL guards it), as tgt's `removable=1`; off by default, since hosts treat
+    /// removable disks differently.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removable: bool,
 }
 
 /// A CHAP user and secret; listings leave the secret out.

@@ -168,6 +168,8 @@ async fn export(api: &ApiClient, out: &Output, command: &ExportCommand) -> Resul
             chap_secret,
             mutual_user,
             mutual_secret,
+            block_size,
+            removable,
         } => {
             let credentials = |user: &Option<String>, secret: &Option<String>| {
                 user.as_ref().map(|u| json!({ "user": u, "secret": secret.clone().unwrap_or_default() }))
@@ -185,6 +187,8 @@ async fn export(api: &ApiClient, out: &Output, command: &ExportCommand) -> Resul
                     "allow": allow,
                     "chap": credentials(chap_user, chap_secret),
                     "mutual_chap": credentials(mutual_user, mutual_secret),
+                    "block_size": block_size,
+                    "removable": removable,
                 }),
                 _ => return Err("choose how to export the volume: --nbd or --iscsi".into()),
             };

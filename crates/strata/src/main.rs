@@ -188,6 +188,13 @@ enum ExportCommand {
         /// Mutual CHAP secret (12 to 255 characters)
         #[arg(long, requires = "mutual_user")]
         mutual_secret: Option<String>,
+        /// Logical block size hosts see: 512 (emulated on 4 KiB volumes, for hosts such as
+        /// VMware ESXi that need it), 1024, 2048 or the volume's [default: the volume's]
+        #[arg(long, requires = "iscsi")]
+        block_size: Option<u32>,
+        /// Report removable medium (ejectable, as tgt's removable=1)
+        #[arg(long, requires = "iscsi")]
+        removable: bool,
     },
     /// List exports
     List,

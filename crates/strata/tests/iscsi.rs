@@ -297,3 +297,58 @@ fn garbage_and_truncated_pdus_leave_the_target_serving() {
     let (ok, out) = tool("iscsi-inq", &[&format!("iscsi://{}/{iqn}/0", server.iscsi)]);
     assert!(ok, "{out}");
 }
+
+/// LUNs (big-endian 8-byte entries) in a REPORT LUNS answer.
+fn report_luns(s: &mut Initiator) -> Vec<u64> {
+    let r = s.command(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[], 256).unwrap();
+    assert_eq!(r.status, 0, "REPORT LUNS: {r:?}");
+    let len = u32::from_be_bytes(r.data[..4].try_into().unwrap()) as usize;
+    r.data[8..8 + len].chunks(8).map(|l| u64::from(u16::from_be_bytes([l[0] & 0x3f, l[1]]))).collect()
+}
+
+#[test]
+fn lun_masking_and_target_port_groups() {
+    let (_tmp, dir) = data_dir();
+    let server = Server::start(&dir);
+    server.add_devices(1, "256M");
+    let iqn = "iqn.2026-11.io.strata:shared";
+    server.ok(&["volume", "create", "private", "--size", "16M"]);
+    server.ok(&["volume", "create", "common", "--size", "16M"]);
+    server.ok(&["export", "add", "private", "--iscsi", "--iqn", iqn, "--lun", "0", "--allow", HOST1]);
+    server.ok(&["export", "add", "common", "--iscsi", "--iqn", iqn, "--lun", "7", "--allow", HOST1, HOST9]);
+    let out = server.cli(&["export", "add", "common", "--iscsi", "--iqn", iqn, "--lun", "7"]);
+    assert!(!out.status.success(), "a second iSCSI export of one volume is refused");
+    let mut one = Initiator::login(&server.iscsi, iqn, HOST1, false).unwrap();
+    let mut nine = Initiator::login(&server.iscsi, iqn, HOST9, false).unwrap();
+    assert_eq!(report_luns(&mut one), vec![0, 7]);
+    assert_eq!(report_luns(&mut nine), vec![7], "{HOST9} does not see LUN 0");
+    // LUN 0 is not there for HOST9: INQUIRY says so, other commands are refused.
+    let mut header = nine.command_header(&[0x12, 0, 0, 0, 96, 0], 96, true, false);
+    header[8..16].copy_from_slice(&[0; 8]);
+    nine.send(&header, &[], false);
+    let inquiry = nine.finish().unwrap();
+    assert_eq!(inquiry.data[0], 0x7f, "peripheral qualifier 3: no unit at LUN 0 for {HOST9}");
+    let mut header = nine.command_header(&read10(0, 1), 4096, true, false);
+    header[8..16].copy_from_slice(&[0; 8]);
+    nine.send(&header, &[], false);
+    let refused = nine.finish().unwrap();
+    assert_eq!(
+        (refused.status, refused.sense_code().map(|s| (s.0, s.1))),
+        (2, Some((5, 0x25))),
+        "LOGICAL UNIT NOT SUPPORTED"
+    );
+    // REPORT TARGET PORT GROUPS (MAINTENANCE IN): one group, active/optimized, with this port.
+    let mut header = one.command_header(&[0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256, true, false);
+    header[8..16].copy_from_slice(&[0, 7, 0, 0, 0, 0, 0, 0]);
+    one.send(&header, &[], false);
+    let groups = one.finish().unwrap();
+    assert_eq!(groups.status, 0, "{groups:?}");
+    let len = u32::from_be_bytes(groups.data[..4].try_into().unwrap()) as usize;
+    let descriptor = &groups.data[4..4 + len];
+    assert_eq!(descriptor[0] & 0x0f, 0, "active/optimized");
+    assert_eq!(descriptor[7], 1, "one target port in the group");
+    assert_eq!(u16::from_be_bytes([descriptor[10], descriptor[11]]), 1, "relative target port 1");
+    // Removing LUN 7's export takes it away from a session already logged in.
+    server.ok(&["export", "remove", "common"]);
+    assert_eq!(report_luns(&mut one), vec![0]);
+}
