@@ -13,6 +13,10 @@
 //!
 //! A write whose data-out is shorter than its transfer length writes the whole blocks it
 //! got (iSCSI expected data transfer length below the CDB's); extra data-out is ignored.
+//!
+//! Everything here is in logical blocks and goes to the device through `granularity.rs`
+//! (`read_range`, `write_range`, `zero_range`), which turns ranges that do not cover whole
+//! device blocks (a 512e LU) into reads of the covering blocks and read-modify-writes.
 
 use bytes::{Bytes, BytesMut};
 use strata_block::{Durability, IoError, IoOp};
@@ -135,7 +139,7 @@ impl LogicalUnit {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        Ok(self.device.read(offset, len).await.map_err(read_error)?)
+        Ok(self.read_range(offset, len).await.map_err(read_error)?)
     }
 
     /// WRITE(6/10/12/16).
@@ -148,8 +152,8 @@ impl LogicalUnit {
         if data.is_empty() {
             return Ok(Bytes::new());
         }
-        let _shared = self.write_lock().await;
-        self.device.write(offset, data, self.durability(io.fua)).await.map_err(write_error)?;
+        let _guard = self.write_guard(offset, data.len() as u64).await;
+        self.write_range(offset, data, self.durability(io.fua)).await.map_err(write_error)?;
         Ok(Bytes::new())
     }
 
@@ -164,10 +168,10 @@ impl LogicalUnit {
             return Ok(Bytes::new());
         }
         {
-            let _shared = self.write_lock().await;
-            self.device.write(offset, data.clone(), Durability::Fua).await.map_err(write_error)?;
+            let _guard = self.write_guard(offset, data.len() as u64).await;
+            self.write_range(offset, data.clone(), Durability::Fua).await.map_err(write_error)?;
         }
-        let back = self.device.read(offset, data.len() as u64).await.map_err(read_error)?;
+        let back = self.read_range(offset, data.len() as u64).await.map_err(read_error)?;
         if bytchk == 1
             && let Some(at) = first_difference(&data, &back)
         {
@@ -197,7 +201,7 @@ impl LogicalUnit {
         let mut done = 0;
         while done < len {
             let n = chunk.min(len - done);
-            let got = self.device.read(offset + done, n).await.map_err(read_error)?;
+            let got = self.read_range(offset + done, n).await.map_err(read_error)?;
             let at = match (&expect, bytchk) {
                 (Some(d), 1) => first_difference(&got, &d[usize::try_from(done).unwrap_or(0)..]),
                 (Some(d), 3) => got
@@ -225,12 +229,12 @@ impl LogicalUnit {
             return Ok(Bytes::new());
         }
         let _exclusive = self.exclusive().await;
-        let old = self.device.read(offset, data.len() as u64).await.map_err(read_error)?;
+        let old = self.read_range(offset, data.len() as u64).await.map_err(read_error)?;
         let mut new = BytesMut::from(&old[..]);
         for (n, d) in new.iter_mut().zip(data.iter()) {
             *n |= d;
         }
-        self.device.write(offset, new.freeze(), self.durability(io.fua)).await.map_err(write_error)?;
+        self.write_range(offset, new.freeze(), self.durability(io.fua)).await.map_err(write_error)?;
         Ok(Bytes::new())
     }
 
@@ -260,7 +264,7 @@ impl LogicalUnit {
         }
         let data = data.slice(..usize::try_from(len).unwrap_or(0));
         let _exclusive = self.exclusive().await;
-        self.device.write(offset, data, self.durability(io.fua)).await.map_err(write_error)?;
+        self.write_range(offset, data, self.durability(io.fua)).await.map_err(write_error)?;
         Ok(Bytes::new())
     }
 
@@ -277,21 +281,27 @@ impl LogicalUnit {
         }
         let half = usize::try_from(len).unwrap_or(0);
         let _exclusive = self.exclusive().await;
-        let current = self.device.read(offset, len).await.map_err(read_error)?;
+        let current = self.read_range(offset, len).await.map_err(read_error)?;
         if let Some(at) = first_difference(&data[..half], &current) {
             return Err(Sense::miscompare(at as u64).into());
         }
-        self.device.write(offset, data.slice(half..), self.durability(io.fua)).await.map_err(write_error)?;
+        self.write_range(offset, data.slice(half..), self.durability(io.fua)).await.map_err(write_error)?;
         Ok(Bytes::new())
     }
 
-    /// Most blocks one WRITE SAME may cover.
+    /// Most blocks one WRITE SAME may cover: [`MAX_WRITE_SAME_BYTES`], and fewer than
+    /// 65536 blocks (a whole number of physical blocks). libiscsi's WriteSame16.Unmap,
+    /// given a limit of 65536 blocks or more, first writes that many with one WRITE(16),
+    /// past MAXIMUM TRANSFER LENGTH; only 512-byte logical blocks reach that limit.
     pub(crate) fn max_write_same_blocks(&self) -> u64 {
-        MAX_WRITE_SAME_BYTES / u64::from(self.block_size)
+        let below = (1 << 16) - self.blocks_per_physical();
+        (MAX_WRITE_SAME_BYTES / u64::from(self.block_size)).min(below)
     }
 
-    /// WRITE SAME(10/16). UNMAP=1 releases the blocks (they read back as zeroes, LBPRZ=1);
-    /// zeroes are written as zeroes; any other pattern is written a chunk at a time.
+    /// WRITE SAME(10/16). UNMAP=1 releases the blocks (they read back as zeroes, LBPRZ=1;
+    /// on a 512e LU only whole device blocks are released and the partial ones at the edges
+    /// are written with zeroes); zeroes are written as zeroes; any other pattern is written
+    /// a chunk at a time.
     pub(crate) async fn write_same(
         &self,
         io: Io,
@@ -322,38 +332,49 @@ impl LogicalUnit {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let _shared = self.write_lock().await;
-        if unmap {
-            self.device.discard(offset, len).await.map_err(write_error)?;
-        } else if ndob || data.iter().all(|&b| b == 0) {
-            self.device.write_zeroes(offset, len).await.map_err(write_error)?;
+        let _guard = self.write_guard(offset, len).await;
+        if unmap || ndob || data.iter().all(|&b| b == 0) {
+            self.zero_range(offset, len, unmap).await.map_err(write_error)?;
         } else {
             self.write_pattern(offset, len, &data[..bs]).await?;
         }
         Ok(Bytes::new())
     }
 
-    /// Writes `pattern` (one block, or a shorter repeating pattern) over `len` bytes.
+    /// Writes `pattern` (one logical block) over `len` bytes at `offset`, under the
+    /// caller's [`LogicalUnit::write_guard`]: the partial device blocks at the edges by
+    /// read-modify-write, the whole ones between them a chunk at a time.
     pub(crate) async fn write_pattern(&self, offset: u64, len: u64, pattern: &[u8]) -> Result<(), Sense> {
-        let bs = u64::from(self.block_size);
-        let chunk_len = ((CHUNK / bs).max(1) * bs).min(len);
+        let dbs = u64::from(self.device_block_size);
+        let chunk_len = ((CHUNK / dbs).max(1) * dbs).min(len);
         let mut chunk = BytesMut::with_capacity(usize::try_from(chunk_len).unwrap_or(0));
         while (chunk.len() as u64) < chunk_len {
             let room = usize::try_from(chunk_len).unwrap_or(0) - chunk.len();
             chunk.extend_from_slice(&pattern[..pattern.len().min(room)]);
         }
         let chunk = chunk.freeze();
-        let mut done = 0;
-        while done < len {
-            let n = chunk_len.min(len - done);
-            let piece = chunk.slice(..usize::try_from(n).unwrap_or(0));
-            self.device.write(offset + done, piece, self.durability(false)).await.map_err(write_error)?;
-            done += n;
+        // Every piece starts on a logical block, so the chunk's start fits each of them.
+        let piece = |n: u64| chunk.slice(..usize::try_from(n).unwrap_or(0));
+        let pieces = self.pieces(offset, len);
+        if let Some((at, n)) = pieces.head {
+            self.write_range(at, piece(n), self.durability(false)).await.map_err(write_error)?;
+        }
+        if let Some((at, len)) = pieces.middle {
+            let mut done = 0;
+            while done < len {
+                let n = chunk_len.min(len - done);
+                self.device.write(at + done, piece(n), self.durability(false)).await.map_err(write_error)?;
+                done += n;
+            }
+        }
+        if let Some((at, n)) = pieces.tail {
+            self.write_range(at, piece(n), self.durability(false)).await.map_err(write_error)?;
         }
         Ok(())
     }
 
-    /// UNMAP with its parameter list (SBC-3 §5.28).
+    /// UNMAP with its parameter list (SBC-3 §5.28). On a 512e LU the partial device blocks at
+    /// the edges of a range are written with zeroes instead of released.
     pub(crate) async fn unmap(&self, anchor: bool, length: u32, data: &Bytes) -> Reply {
         if anchor {
             return Err(Sense::invalid_cdb(1, Some(0)).into());
@@ -387,9 +408,10 @@ impl LogicalUnit {
                 ranges.push((offset, len));
             }
         }
-        let _shared = self.write_lock().await;
+        let aligned = ranges.iter().all(|&(offset, len)| self.device_aligned(offset, len));
+        let _guard = self.guard(aligned).await;
         for (offset, len) in ranges {
-            self.device.discard(offset, len).await.map_err(write_error)?;
+            self.zero_range(offset, len, true).await.map_err(write_error)?;
         }
         Ok(Bytes::new())
     }
@@ -412,17 +434,30 @@ impl LogicalUnit {
     }
 
     /// GET LBA STATUS: mapped and deallocated runs from `lba`, from the device's holes.
+    ///
+    /// The device maps and releases whole device blocks, so on a 512e LU every descriptor
+    /// covers whole physical blocks. A `lba` inside a physical block is answered from the
+    /// next physical block (libiscsi's GetLBAStatus.UnmapSingle expects exactly that:
+    /// asked about LBA 9 with 8 logical blocks per physical block, the first descriptor
+    /// starts at 16), except in the last physical block, which is described from `lba`.
     pub(crate) async fn get_lba_status(&self, lba: u64, allocation: u32) -> Reply {
         if lba >= self.blocks {
             return Err(Sense::lba_out_of_range().into());
         }
         let max = usize::try_from((allocation.saturating_sub(8) / 16).clamp(1, 128)).unwrap_or(1);
         let bs = u64::from(self.block_size);
+        let per = self.blocks_per_physical();
+        let physical = lba - lba % per;
+        let (mut next, report_from) = match physical + per {
+            _ if physical == lba => (lba, lba),
+            up if up < self.blocks => (up, up),
+            _ => (physical, lba),
+        };
         // (first LBA, blocks, deallocated), adjacent runs of one kind merged. A device may
         // describe only a prefix of what it was asked about: ask again from where it
-        // stopped until the descriptors are full or the LU is covered.
+        // stopped until the descriptors are full or the LU is covered. `next` is always on
+        // a device block; nothing before `report_from` is reported.
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-        let mut next = lba;
         'ask: while next < self.blocks {
             let (offset, len) = self.extent(next, self.blocks - next)?;
             let spans = self.device.allocation(offset, len).await.map_err(read_error)?;
@@ -432,20 +467,24 @@ impl LogicalUnit {
                 if blocks == 0 {
                     break;
                 }
+                let first = next.max(report_from);
+                next += blocks;
+                if first >= next {
+                    continue;
+                }
                 let count = runs.len();
                 match runs.last_mut() {
-                    Some(last) if last.2 == span.hole => last.1 += blocks,
+                    Some(last) if last.2 == span.hole => last.1 += next - first,
                     _ if count == max => break 'ask,
-                    _ => runs.push((next, blocks, span.hole)),
+                    _ => runs.push((first, next - first, span.hole)),
                 }
-                next += blocks;
             }
             if next == before {
                 break;
             }
         }
         if runs.is_empty() {
-            runs.push((lba, 1, false));
+            runs.push((report_from, 1, false));
         }
         let mut out = Vec::with_capacity(8 + 16 * runs.len());
         out.extend_from_slice(&[0; 8]);
@@ -475,11 +514,14 @@ impl LogicalUnit {
     }
 
     /// READ CAPACITY(16): thin provisioned (LBPME), unmapped blocks read as zeroes
-    /// (LBPRZ), no protection information, one logical block per physical block.
+    /// (LBPRZ), no protection information; LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT is 0
+    /// on a native LU and 3 on a 512e one (eight 512-byte blocks per 4 KiB device block),
+    /// LBA 0 starting a physical block (LOWEST ALIGNED LOGICAL BLOCK ADDRESS 0).
     pub(crate) fn read_capacity_16(&self) -> Reply {
         let mut out = vec![0u8; 32];
         out[0..8].copy_from_slice(&self.blocks.saturating_sub(1).to_be_bytes());
         out[8..12].copy_from_slice(&self.block_size.to_be_bytes());
+        out[13] = u8::try_from(self.blocks_per_physical().trailing_zeros()).unwrap_or(0) & 0x0F;
         out[14] = 0x80 | 0x40;
         Ok(Bytes::from(out))
     }

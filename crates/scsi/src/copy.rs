@@ -5,7 +5,8 @@
 //!   parameter list ─▶ header ─▶ target descriptors (0xE4, NAA) ─▶ Directory ─▶ LUs
 //!                            └▶ segment descriptors (0x02, block → block)
 //!   every segment is checked before the first block moves; the copy then runs in
-//!   chunks, each chunk written under the destination's shared write lock
+//!   chunks, each chunk written under the destination's write lock (shared, or exclusive
+//!   for a chunk that does not cover whole device blocks of a 512e destination)
 //! ```
 
 use std::collections::HashMap;
@@ -320,13 +321,11 @@ async fn copy_range(
     while done < bytes {
         let n = CHUNK.min(bytes - done);
         let data = src
-            .device
-            .read(src_off + done, n)
+            .read_range(src_off + done, n)
             .await
             .map_err(|e| crate::block::io_sense(&e, strata_block::IoOp::Read))?;
-        let _shared = dst.write_lock().await;
-        dst.device
-            .write(dst_off + done, data, dst.durability(false))
+        let _guard = dst.write_guard(dst_off + done, n).await;
+        dst.write_range(dst_off + done, data, dst.durability(false))
             .await
             .map_err(|e| crate::block::io_sense(&e, strata_block::IoOp::Write))?;
         done += n;

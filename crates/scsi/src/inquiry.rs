@@ -132,7 +132,10 @@ impl LogicalUnit {
 
     fn block_limits(&self) -> Vec<u8> {
         let mut p = vec![0u8; 60];
-        let per_4k = u16::try_from((4096 / self.block_size).max(1)).unwrap_or(1);
+        // Transfers and unmaps go best in whole physical blocks, and in 4 KiB at least: 8
+        // logical blocks on a 512e LU (or on a native 512-byte one), 1 on a 4Kn one.
+        let granularity = u64::from(4096 / self.block_size).max(self.blocks_per_physical()).max(1);
+        let per_4k = u16::try_from(granularity).unwrap_or(1);
         // WSNZ=0: WRITE SAME with zero blocks means "to the end of the LU".
         p[1] = MAX_COMPARE_AND_WRITE;
         p[2..4].copy_from_slice(&per_4k.to_be_bytes());
@@ -141,6 +144,8 @@ impl LogicalUnit {
         put32(&mut p, 16, MAX_UNMAP_BLOCKS);
         put32(&mut p, 20, MAX_UNMAP_DESCRIPTORS);
         put32(&mut p, 24, u32::from(per_4k));
+        // UGAVALID with UNMAP GRANULARITY ALIGNMENT 0: LBA 0 starts a granule.
+        put32(&mut p, 28, 0x8000_0000);
         p[32..40].copy_from_slice(&self.max_write_same_blocks().to_be_bytes());
         put32(&mut p, 40, self.max_atomic_blocks());
         p

@@ -20,6 +20,7 @@
 //! | `sense` | sense data, fixed and descriptor format |
 //! | `lu` | [`LogicalUnit`]: dispatch, readiness, START STOP UNIT, resets, nexus loss |
 //! | `block` | READ, WRITE, VERIFY, COMPARE AND WRITE, WRITE SAME, UNMAP, GET LBA STATUS, ... |
+//! | `granularity` | logical blocks smaller than the device's (512e): read-modify-write at the edges |
 //! | `inquiry`, `mode`, `opcodes` | INQUIRY and VPD pages, mode pages, REPORT SUPPORTED OPERATION CODES |
 //! | `reservations` | RESERVE(6)/RELEASE(6) and persistent reservations (APTPL through [`ReservationStore`]) |
 //! | `unit_attention` | per-nexus state: unit attentions, PREVENT ALLOW, held copy results |
@@ -41,6 +42,7 @@
 mod block;
 mod cdb;
 mod copy;
+mod granularity;
 mod inquiry;
 mod lu;
 mod mode;
@@ -179,5 +181,17 @@ pub enum ScsiError {
         block_size: u32,
         /// The device's size in bytes.
         size_bytes: u64,
+    },
+    /// A logical block size the LU cannot emulate over its device: it must be 512, 1024 or
+    /// 2048 bytes and smaller than the device's block, or the device's block size.
+    #[error(
+        "A logical block of {size} bytes cannot be served over {device_block_size}-byte device blocks \
+         (use 512, 1024 or 2048 below the device's block size, or the device's block size)"
+    )]
+    LogicalBlockSize {
+        /// The logical block size asked for.
+        size: u32,
+        /// The device's block size.
+        device_block_size: u32,
     },
 }

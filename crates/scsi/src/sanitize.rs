@@ -120,10 +120,10 @@ impl LogicalUnit {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let device = Arc::clone(&self.device);
         let sanitizer = Arc::clone(&self.sanitizer);
-        let block_size = self.block_size;
+        let device_block_size = self.device_block_size;
         let spawned = std::thread::Builder::new().name("sanitize".into()).spawn(move || {
             let result = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
-                Ok(rt) => rt.block_on(run(&*device, &sanitizer, block_size, job)),
+                Ok(rt) => rt.block_on(run(&*device, &sanitizer, device_block_size, job)),
                 Err(_) => Err(Sense::internal_failure()),
             };
             let state = if result.is_ok() { IDLE } else { FAILED };
@@ -151,8 +151,10 @@ impl LogicalUnit {
     }
 }
 
-/// Does the work of a sanitize on the whole of `device`.
-async fn run(device: &dyn BlockIo, s: &Sanitizer, block_size: u32, job: Job) -> Result<(), Sense> {
+/// Does the work of a sanitize on the whole of `device` (whose blocks are
+/// `device_block_size` bytes, a whole number of the logical blocks an overwrite pattern
+/// fills).
+async fn run(device: &dyn BlockIo, s: &Sanitizer, device_block_size: u32, job: Job) -> Result<(), Sense> {
     let size = device.geometry().size_bytes;
     s.done.store(0, Ordering::Relaxed);
     match job {
@@ -168,7 +170,7 @@ async fn run(device: &dyn BlockIo, s: &Sanitizer, block_size: u32, job: Job) -> 
         }
         Job::Overwrite { block, passes, invert } => {
             s.total.store(size * u64::from(passes), Ordering::Relaxed);
-            let bs = u64::from(block_size);
+            let bs = u64::from(device_block_size);
             let chunk_len = (CHUNK / bs).max(1) * bs;
             let started = Instant::now();
             let mut written = 0u64;

@@ -14,6 +14,8 @@ use crate::{
     Command, Directory, Identity, LogicalUnit, LunMap, Nexus, Outcome, ReservationStore, Reset, Status,
 };
 
+mod emulation;
+
 /// A store that remembers every save and can be told to fail.
 #[derive(Default)]
 struct FakeStore {
@@ -65,6 +67,16 @@ fn fixture_with(blocks: u64, block_size: u32, n: u8, directory: Arc<Directory>) 
     let store = Arc::new(FakeStore::default());
     let lu = LogicalUnit::new(device.clone(), identity(n), None, store.clone(), directory.clone()).unwrap();
     let lu = Arc::new(lu);
+    directory.insert(&lu);
+    Fixture { lu, device, store, directory }
+}
+
+/// A 512e LU of `blocks` 512-byte logical blocks over a device of 4 KiB blocks.
+fn fixture_512e(blocks: u64, n: u8, directory: Arc<Directory>) -> Fixture {
+    let device = MemDevice::new(format!("e{n}"), blocks * 512, 4096);
+    let store = Arc::new(FakeStore::default());
+    let lu = LogicalUnit::new(device.clone(), identity(n), None, store.clone(), directory.clone()).unwrap();
+    let lu = Arc::new(lu.with_logical_block_size(512).unwrap());
     directory.insert(&lu);
     Fixture { lu, device, store, directory }
 }
@@ -822,9 +834,14 @@ proptest! {
         data in prop::collection::vec(any::<u8>(), 0..1100),
         allocation in any::<u32>(),
         lun in 0u64..3,
+        emulated in any::<bool>(),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        let f = fixture_with(16, 512, 1, Arc::new(Directory::new()));
+        let f = if emulated {
+            fixture_512e(16, 1, Arc::new(Directory::new()))
+        } else {
+            fixture_with(16, 512, 1, Arc::new(Directory::new()))
+        };
         let mut luns = LunMap::new();
         luns.insert(0, f.lu.clone());
         let mut cdb = vec![opcode];
@@ -843,9 +860,14 @@ proptest! {
         which in any::<u8>(),
         sa in any::<u8>(),
         data in prop::collection::vec(byte(), 0..700),
+        emulated in any::<bool>(),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        let f = fixture_with(16, 512, 1, Arc::new(Directory::new()));
+        let f = if emulated {
+            fixture_512e(16, 1, Arc::new(Directory::new()))
+        } else {
+            fixture_with(16, 512, 1, Arc::new(Directory::new()))
+        };
         let cdb = with_parameter_list(which, sa, data.len());
         let command = Command { cdb: Bytes::from(cdb), data_out: Bytes::from(data), allocation: 4096 };
         let o = rt.block_on(f.lu.execute(&nexus(1), &command));
