@@ -921,6 +921,11 @@ impl Connection<'_> {
     }
 
     fn logout_response(&mut self, request: &Pdu) {
+        // The nexus ends before the initiator hears so: a command it sends next on another
+        // session must already find this one's RESERVE(6) and the like released.
+        for lu in self.luns.values() {
+            lu.nexus_lost(&self.nexus);
+        }
         let reason = request.flags() & 0x7f;
         let mut reply = Pdu::new(op::LOGOUT_RESPONSE);
         reply.header[1] = 0x80;
