@@ -1,0 +1,443 @@
+//! The full feature phase of one connection (RFC 7143 §4): commands in CmdSN order, write
+//! data by immediate data, unsolicited Data-Out and R2T, read data by Data-In with the
+//! status in the last PDU, task management, NOP pings both ways, SendTargets and logout.
+//!
+//! One task owns the socket, as in the NBD server: it decodes every whole PDU in its read
+//! buffer, starts the commands whose data is complete, and writes what finished. Commands
+//! already started always run to completion (the block-IO contract); an aborted command's
+//! response is not sent, and the task management response waits for it.
+//!
+//! At ErrorRecoveryLevel 0 a protocol error (a bad digest, a PDU too long, immediate
+//! data beyond what was negotiated) is answered with a Reject and ends the connection.
+//! Data-Out out of sequence (DataSN, offset, transfer tag, beyond its burst) ends only its
+//! command, with CHECK CONDITION: the header was sound, so the connection still frames.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
+use strata_scsi::{LunMap, Nexus, Outcome};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::login::{COMMAND_WINDOW, LoggedIn, SessionKind};
+use crate::negotiate::Parameters;
+use crate::pdu::{self, DecodeError, Digests, NO_TAG, Pdu, op, reject};
+use crate::session::Sessions;
+use crate::{TargetNode, Targets};
+
+mod commands;
+mod discovery;
+mod management;
+mod outbox;
+
+use management::PendingTmf;
+use outbox::Outbox;
+
+/// Bytes the read buffer has free before each read from the socket.
+const READ_ROOM: usize = 256 << 10;
+
+/// How a connection keeps its initiator honest when idle.
+#[derive(Clone, Copy, Debug)]
+pub struct Keepalive {
+    /// Idle time before the target pings with a NOP-In.
+    pub interval: Duration,
+    /// How long the initiator has to answer before the connection is dropped.
+    pub timeout: Duration,
+}
+
+/// Everything a connection shares with the server.
+pub struct Shared<'a> {
+    pub targets: &'a dyn Targets,
+    pub sessions: &'a Arc<Sessions>,
+    pub portal: String,
+    pub keepalive: Keepalive,
+    pub peer: SocketAddr,
+}
+
+/// A write command collecting its data.
+struct Receiving {
+    lun: u64,
+    cdb: Bytes,
+    edtl: u32,
+    read: bool,
+    data: BytesMut,
+    /// The burst under way: its target transfer tag (NO_TAG = unsolicited), its end
+    /// offset and the DataSN expected next.
+    ttt: u32,
+    burst_end: u32,
+    data_sn: u32,
+    r2t_sn: u32,
+}
+
+/// A finished command: its ITT, outcome, expected transfer length, read flag, and the
+/// data-out length its CDB asked for (for write residuals).
+type Done = (u32, Outcome, u32, bool, u64);
+type Running = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// A command being executed.
+struct Executing {
+    lun: u64,
+    /// Aborted: its response is not sent.
+    aborted: bool,
+    /// Its work goes on by itself (SANITIZE runs on a thread of its own), so aborts and a
+    /// closing connection need not wait for it.
+    background: bool,
+}
+
+/// SANITIZE, the one command whose work outlives it.
+const SANITIZE: u8 = 0x48;
+
+struct Connection<'a> {
+    shared: &'a Shared<'a>,
+    kind: SessionKind,
+    params: Parameters,
+    digests: Digests,
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    nexus: Arc<Nexus>,
+    luns: Arc<LunMap>,
+    generation: u64,
+    /// Commands that arrived ahead of ExpCmdSN, by CmdSN.
+    queued: BTreeMap<u32, Pdu>,
+    receiving: HashMap<u32, Receiving>,
+    /// Commands executing, by ITT.
+    executing: HashMap<u32, Executing>,
+    running: FuturesUnordered<Running>,
+    tmfs: Vec<PendingTmf>,
+    next_ttt: u32,
+    /// SendTargets answers too long for one PDU: the rest, by target transfer tag.
+    text_rest: Option<(u32, Bytes)>,
+    output: Outbox,
+    /// A reason to stop reading and close once work drains.
+    closing: Option<String>,
+    logout: Option<Pdu>,
+    ping: Option<(u32, tokio::time::Instant)>,
+}
+
+/// Serves the full feature phase of a logged-in connection until it ends.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    mut input: BytesMut,
+    login: LoggedIn,
+    shared: &Shared<'_>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (nexus, luns, generation, handle) = match &login.kind {
+        SessionKind::Normal(target) => {
+            let generation = shared.targets.generation();
+            let key = crate::session::SessionKey {
+                initiator: login.initiator.clone(),
+                isid: login.isid,
+                target: target.name.clone(),
+            };
+            let handle = shared.sessions.open(key).await;
+            (nexus(&login, &target.name), Arc::new(target.luns.clone()), generation, Some(handle))
+        }
+        SessionKind::Discovery => (nexus(&login, ""), Arc::new(LunMap::new()), 0, None),
+    };
+    let mut stop = handle.as_ref().map(|h| h.stop.clone());
+    let mut conn = Connection {
+        shared,
+        digests: Digests { header: login.params.header_digest, data: login.params.data_digest },
+        kind: login.kind,
+        params: login.params,
+        stat_sn: login.stat_sn,
+        exp_cmd_sn: login.exp_cmd_sn,
+        nexus: Arc::new(nexus),
+        luns,
+        generation,
+        queued: BTreeMap::new(),
+        receiving: HashMap::new(),
+        executing: HashMap::new(),
+        running: FuturesUnordered::new(),
+        tmfs: Vec::new(),
+        next_ttt: 1,
+        text_rest: None,
+        output: Outbox::default(),
+        closing: None,
+        logout: None,
+        ping: None,
+    };
+    let mut writable = true;
+    let mut last_heard = tokio::time::Instant::now();
+    loop {
+        while conn.closing.is_none() {
+            match pdu::decode(&mut input, conn.digests, conn.params.max_recv_data_segment_length) {
+                Ok(Some(pdu)) => {
+                    last_heard = tokio::time::Instant::now();
+                    conn.receive(pdu);
+                }
+                Ok(None) => break,
+                Err(e) => conn.broken(e),
+            }
+        }
+        while let Some(Some(done)) = conn.running.next().now_or_never() {
+            conn.complete(done);
+        }
+        if conn.executing.values().all(|e| e.background)
+            && let Some(logout) = conn.logout.take()
+        {
+            conn.logout_response(&logout);
+        }
+        if writable && !conn.output.is_empty() {
+            writable = conn.output.flush(&mut stream).await.is_ok();
+        }
+        if conn.closing.is_some() && conn.executing.values().all(|e| e.background) {
+            // Only work that goes on by itself is left: dropping its future is safe.
+            break;
+        }
+        if input.capacity() - input.len() < READ_ROOM / 4 {
+            input.reserve(READ_ROOM);
+        }
+        let reading = conn.closing.is_none();
+        let deadline = match conn.ping {
+            Some((_, sent)) => sent + shared.keepalive.timeout,
+            None => last_heard + shared.keepalive.interval,
+        };
+        tokio::select! {
+            biased;
+            Some(done) = conn.running.next(), if !conn.running.is_empty() => {
+                conn.complete(done);
+                while let Some(Some(done)) = conn.running.next().now_or_never() {
+                    conn.complete(done);
+                }
+            }
+            read = stream.read_buf(&mut input), if reading => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    conn.close("the initiator closed the connection");
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if reading => {
+                if conn.ping.is_some() {
+                    tracing::warn!(peer = %shared.peer, "iSCSI initiator did not answer a NOP-In ping; dropping the connection");
+                    conn.close("ping timed out");
+                } else {
+                    conn.send_ping();
+                }
+            }
+            _ = stopped(stop.as_mut()), if reading => conn.close("session reinstated or target reset"),
+            _ = shutdown.changed(), if reading => conn.close("server shutting down"),
+        }
+        if !writable {
+            conn.close("the socket refuses writes");
+        }
+    }
+    if writable {
+        let _ = stream.shutdown().await;
+    }
+    for lu in conn.luns.values() {
+        lu.nexus_lost(&conn.nexus);
+    }
+    tracing::debug!(peer = %shared.peer, why = conn.closing.as_deref().unwrap_or(""), "iSCSI connection closed");
+    drop(handle);
+}
+
+async fn stopped(stop: Option<&mut watch::Receiver<bool>>) {
+    match stop {
+        Some(stop) => {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// A buffer length as the 32-bit field it goes in (every buffer here is bounded by
+/// MAX_TRANSFER or a data segment length).
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn nexus(login: &LoggedIn, target: &str) -> Nexus {
+    let isid: String = login.isid.iter().map(|b| format!("{b:02x}")).collect();
+    Nexus {
+        initiator_port: format!("{},i,0x{isid}", login.initiator),
+        initiator_name: login.initiator.clone(),
+        target_port: format!("{target},t,0x0001"),
+        relative_port: 1,
+    }
+}
+
+/// Whether `a` comes before `b` in 32-bit serial number arithmetic (RFC 1982).
+fn serial_lt(a: u32, b: u32) -> bool {
+    a != b && b.wrapping_sub(a) < 0x8000_0000
+}
+
+impl Connection<'_> {
+    fn close(&mut self, why: &str) {
+        if self.closing.is_none() {
+            self.closing = Some(why.to_string());
+        }
+    }
+
+    fn target(&self) -> Option<&Arc<TargetNode>> {
+        match &self.kind {
+            SessionKind::Normal(t) => Some(t),
+            SessionKind::Discovery => None,
+        }
+    }
+
+    /// A PDU that cannot be decoded: Reject it if the header can be trusted, then close.
+    fn broken(&mut self, error: DecodeError) {
+        tracing::warn!(peer = %self.shared.peer, %error, "iSCSI protocol error; closing the connection");
+        match &error {
+            DecodeError::DataDigest { header, .. } => self.reject(header, reject::DATA_DIGEST),
+            DecodeError::TooLong { header, .. } => self.reject(header, reject::PROTOCOL_ERROR),
+            DecodeError::HeaderDigest { .. } => {}
+        }
+        self.close("protocol error");
+    }
+
+    /// Rejects a PDU whose header is `header` and closes the connection (ERL 0).
+    fn protocol_error(&mut self, header: &[u8; pdu::BHS_LEN], why: &str) {
+        tracing::warn!(peer = %self.shared.peer, why, "iSCSI protocol error; closing the connection");
+        self.reject(header, reject::PROTOCOL_ERROR);
+        self.close("protocol error");
+    }
+
+    fn reject(&mut self, header: &[u8; pdu::BHS_LEN], reason: u8) {
+        let mut pdu = Pdu::new(op::REJECT);
+        pdu.header[1] = 0x80;
+        pdu.header[2] = reason;
+        pdu.set_u32(16, NO_TAG);
+        pdu.data = Bytes::copy_from_slice(header);
+        self.send_status(pdu);
+    }
+
+    /// Fills in StatSN, ExpCmdSN and MaxCmdSN, advances StatSN, and queues the PDU.
+    fn send_status(&mut self, mut pdu: Pdu) {
+        pdu.set_u32(24, self.stat_sn);
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        self.send(pdu);
+    }
+
+    /// Fills in ExpCmdSN and MaxCmdSN and queues the PDU.
+    fn send(&mut self, mut pdu: Pdu) {
+        pdu.set_u32(28, self.exp_cmd_sn);
+        pdu.set_u32(32, self.exp_cmd_sn.wrapping_add(COMMAND_WINDOW - 1));
+        pdu::encode(&mut self.output.buf, &pdu, self.digests);
+    }
+
+    fn send_ping(&mut self) {
+        let ttt = self.take_ttt();
+        let mut pdu = Pdu::new(op::NOP_IN);
+        pdu.header[1] = 0x80;
+        pdu.set_u32(16, NO_TAG);
+        pdu.set_u32(20, ttt);
+        // A ping does not advance StatSN.
+        pdu.set_u32(24, self.stat_sn);
+        self.send(pdu);
+        self.ping = Some((ttt, tokio::time::Instant::now()));
+    }
+
+    fn take_ttt(&mut self) -> u32 {
+        let ttt = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == NO_TAG {
+            self.next_ttt = 1;
+        }
+        ttt
+    }
+
+    /// Orders a PDU by CmdSN (immediate ones go at once), then handles it.
+    fn receive(&mut self, pdu: Pdu) {
+        let ordered = matches!(
+            pdu.opcode(),
+            op::SCSI_COMMAND | op::TASK_MANAGEMENT | op::TEXT | op::LOGOUT | op::NOP_OUT
+        );
+        if !ordered || pdu.immediate() {
+            self.handle(pdu);
+            return;
+        }
+        let cmd_sn = pdu.u32_at(24);
+        if cmd_sn == self.exp_cmd_sn {
+            self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
+            self.handle(pdu);
+            while let Some(next) = self.queued.remove(&self.exp_cmd_sn) {
+                self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
+                self.handle(next);
+            }
+        } else if serial_lt(self.exp_cmd_sn, cmd_sn) && cmd_sn.wrapping_sub(self.exp_cmd_sn) < COMMAND_WINDOW
+        {
+            self.queued.insert(cmd_sn, pdu);
+        } else {
+            // Outside the window: silently ignored (RFC 7143 §4.2.2.1).
+            tracing::debug!(cmd_sn, exp = self.exp_cmd_sn, "ignoring a command outside the CmdSN window");
+        }
+    }
+
+    fn handle(&mut self, pdu: Pdu) {
+        match pdu.opcode() {
+            op::SCSI_COMMAND => self.scsi_command(pdu),
+            op::DATA_OUT => self.data_out(pdu),
+            op::NOP_OUT => self.nop_out(pdu),
+            op::TASK_MANAGEMENT => self.task_management(pdu),
+            op::TEXT => self.text(pdu),
+            op::LOGOUT => {
+                // Answered once the commands under way have finished.
+                self.logout = Some(pdu);
+                self.close("logout");
+            }
+            op::LOGIN => self.protocol_error(&pdu.header, "Login request in the full feature phase"),
+            op::SNACK => self.protocol_error(&pdu.header, "SNACK needs ErrorRecoveryLevel > 0"),
+            _ => self.reject(&pdu.header, reject::COMMAND_NOT_SUPPORTED),
+        }
+    }
+
+    fn refresh_luns(&mut self) {
+        let generation = self.shared.targets.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        if let Some(target) = self.target()
+            && let Ok(fresh) = self.shared.targets.lookup(&target.name, &self.nexus.initiator_name)
+        {
+            self.luns = Arc::new(fresh.luns.clone());
+        } else if self.target().is_some() {
+            self.luns = Arc::new(LunMap::new());
+        }
+    }
+
+    fn nop_out(&mut self, pdu: Pdu) {
+        let itt = pdu.itt();
+        if itt == NO_TAG {
+            // The answer to our ping.
+            if self.ping.is_some_and(|(ttt, _)| ttt == pdu.u32_at(20)) {
+                self.ping = None;
+            }
+            return;
+        }
+        let mut reply = Pdu::new(op::NOP_IN);
+        reply.header[1] = 0x80;
+        reply.header[8..16].copy_from_slice(&pdu.header[8..16]);
+        reply.set_u32(16, itt);
+        reply.set_u32(20, NO_TAG);
+        reply.data = pdu.data.clone();
+        self.send_status(reply);
+    }
+
+    fn logout_response(&mut self, request: &Pdu) {
+        // The nexus ends before the initiator hears so: a command it sends next on another
+        // session must already find this one's RESERVE(6) and the like released.
+        for lu in self.luns.values() {
+            lu.nexus_lost(&self.nexus);
+        }
+        let reason = request.flags() & 0x7f;
+        let mut reply = Pdu::new(op::LOGOUT_RESPONSE);
+        reply.header[1] = 0x80;
+        reply.header[2] = if reason == 2 { 2 } else { 0 };
+        reply.set_u32(16, request.itt());
+        reply.header[40..42]
+            .copy_from_slice(&u16::try_from(self.params.default_time2wait).unwrap_or(u16::MAX).to_be_bytes());
+        reply.header[42..44].copy_from_slice(
+            &u16::try_from(self.params.default_time2retain).unwrap_or(u16::MAX).to_be_bytes(),
+        );
+        self.send_status(reply);
+    }
+}
