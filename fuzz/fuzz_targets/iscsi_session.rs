@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
         let lu = LogicalUnit::new(device, identity, None, Arc::new(Nowhere), Arc::new(Directory::new())).unwrap();
         let mut luns = LunMap::new();
         luns.insert(0, Arc::new(lu));
-        let node = TargetNode { name: "iqn.2026-11.io.strata:fuzz".into(), alias: None, luns, chap: None, mutual: None };
+        let node = TargetNode { name: "iqn.2026-11.io.strata:fuzz".into(), alias: None, every_lu: luns.values().cloned().collect(), luns, chap: None, mutual: None };
         let server = IscsiServer::new(Arc::new(One(Arc::new(node))));
         let (client, served) = tokio::io::duplex(1 << 16);
         let (_stop, shutdown) = tokio::sync::watch::channel(false);

@@ -204,17 +204,17 @@ impl strata_nbd::Exports for Controller {
 impl strata_iscsi::Targets for Controller {
     fn lookup(&self, target: &str, initiator: &str) -> Result<Arc<TargetNode>, Refusal> {
         let exports = self.exports.read();
-        let mut found = false;
         let mut node = TargetNode {
             name: target.to_string(),
             alias: None,
             luns: LunMap::new(),
+            every_lu: Vec::new(),
             chap: None,
             mutual: None,
         };
         for export in exports.values() {
             let Some(lu) = export.lu_of(target) else { continue };
-            found = true;
+            node.every_lu.push(lu.clone());
             // Every LUN of a target has the same credentials (checked when exported).
             node.chap = export.record.chap.as_ref().map(ChapRecord::credentials);
             node.mutual = export.record.mutual_chap.as_ref().map(ChapRecord::credentials);
@@ -222,10 +222,10 @@ impl strata_iscsi::Targets for Controller {
                 node.luns.insert(export.record.lun.unwrap_or(0), lu.clone());
             }
         }
-        match (found, node.luns.is_empty()) {
-            (false, _) => Err(Refusal::NotFound),
-            (true, true) => Err(Refusal::NotAllowed),
-            (true, false) => Ok(Arc::new(node)),
+        match (node.every_lu.is_empty(), node.luns.is_empty()) {
+            (true, _) => Err(Refusal::NotFound),
+            (false, true) => Err(Refusal::NotAllowed),
+            (false, false) => Ok(Arc::new(node)),
         }
     }
 

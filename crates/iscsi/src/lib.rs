@@ -24,7 +24,7 @@ pub mod text;
 use std::sync::Arc;
 
 pub use server::IscsiServer;
-use strata_scsi::LunMap;
+use strata_scsi::{LogicalUnit, LunMap};
 
 /// A user name and secret for CHAP.
 #[derive(Clone, PartialEq, Eq)]
@@ -50,6 +50,8 @@ pub struct TargetNode {
     pub alias: Option<String>,
     /// The logical units this initiator may use, by LUN.
     pub luns: LunMap,
+    /// Every logical unit of the target, masked or not: a target reset reaches them all.
+    pub every_lu: Vec<Arc<LogicalUnit>>,
     /// Credentials the initiator must prove (CHAP), if any.
     pub chap: Option<Credentials>,
     /// Credentials the target answers mutual CHAP with, if any.

@@ -52,7 +52,14 @@ async fn server(interval: Duration, timeout: Duration) -> (String, tokio::sync::
     let lu = LogicalUnit::new(device, identity, None, Arc::new(Nowhere), Arc::new(Directory::new())).unwrap();
     let mut luns = LunMap::new();
     luns.insert(0, Arc::new(lu));
-    let node = TargetNode { name: TARGET.into(), alias: None, luns, chap: None, mutual: None };
+    let node = TargetNode {
+        name: TARGET.into(),
+        alias: None,
+        every_lu: luns.values().cloned().collect(),
+        luns,
+        chap: None,
+        mutual: None,
+    };
     let server = IscsiServer::with_keepalive(Arc::new(One(Arc::new(node))), interval, timeout);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();

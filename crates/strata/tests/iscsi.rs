@@ -244,6 +244,13 @@ fn digests_are_checked_both_ways() {
     assert!(s.closed_within(Duration::from_secs(5)), "the connection closes");
     let back = other.command(&read10(8, 2), &[], 8192).unwrap();
     assert_eq!(back.data, block, "the damaged write was not applied; the other session carries on");
+    // A header whose digest does not match cannot be trusted, not even to Reject it: the
+    // connection ends.
+    let header = other.command_header(&read10(8, 1), 4096, true, false);
+    let mut wire = header.to_vec();
+    wire.extend_from_slice(&(crc32c::crc32c(&header) ^ 0x8000_0000).to_le_bytes());
+    other.stream.write_all(&wire).unwrap();
+    assert!(other.closed_within(Duration::from_secs(5)), "a bad header digest ends the connection");
 }
 
 #[test]
@@ -353,7 +360,27 @@ fn lun_masking_and_target_port_groups() {
     assert_eq!(descriptor[0] & 0x0f, 0, "active/optimized");
     assert_eq!(descriptor[7], 1, "one target port in the group");
     assert_eq!(u16::from_be_bytes([descriptor[10], descriptor[11]]), 1, "relative target port 1");
+    // A TARGET WARM RESET from HOST9, who sees only LUN 7, reaches LUN 0 too: HOST1 gets a
+    // unit attention there.
+    let mut tmf = [0u8; 48];
+    tmf[0] = 0x42; // immediate Task Management Function request
+    tmf[1] = 0x80 | 6;
+    tmf[16..20].copy_from_slice(&0x7777u32.to_be_bytes());
+    tmf[20..24].copy_from_slice(&[0xff; 4]);
+    tmf[24..28].copy_from_slice(&nine.cmd_sn.to_be_bytes());
+    nine.send(&tmf, &[], false);
+    let reply = nine.read().unwrap();
+    assert_eq!((reply.opcode(), reply.header[2]), (0x22, 0), "TMF response: function complete");
+    let tur = one.command(&[0, 0, 0, 0, 0, 0], &[], 0).unwrap();
+    assert_eq!((tur.status, tur.sense_code().map(|s| (s.0, s.1))), (2, Some((6, 0x29))), "unit attention: reset");
     // Removing LUN 7's export takes it away from a session already logged in.
     server.ok(&["export", "remove", "common"]);
     assert_eq!(report_luns(&mut one), vec![0]);
+    // Metrics: iSCSI IO per volume, and the sessions open.
+    let metrics = run(
+        "curl",
+        &["-s", "-H", &format!("Authorization: Bearer {}", server.token()), &format!("{}/metrics", server.api)],
+    );
+    assert!(metrics.contains("strata_io_requests_total{scope=\"iscsi\",name=\"private\",op=\"read\"}"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "strata_iscsi_sessions 2"), "two sessions open: {metrics}");
 }

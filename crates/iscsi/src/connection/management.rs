@@ -80,8 +80,13 @@ impl Connection<'_> {
                 // TARGET WARM RESET, TARGET COLD RESET
                 waiting = self.abort_all(None);
                 let reset = if function == 6 { Reset::TargetWarm } else { Reset::TargetCold };
-                for lu in self.luns.values() {
-                    lu.reset(&self.nexus, reset);
+                // Every LU of the target, including those masked from this initiator.
+                let node = self
+                    .target()
+                    .and_then(|t| self.shared.targets.lookup(&t.name, &self.nexus.initiator_name).ok());
+                match node {
+                    Some(node) => node.every_lu.iter().for_each(|lu| lu.reset(&self.nexus, reset)),
+                    None => self.luns.values().for_each(|lu| lu.reset(&self.nexus, reset)),
                 }
                 cold_reset = function == 7;
                 tmf::COMPLETE
