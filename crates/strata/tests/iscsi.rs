@@ -302,6 +302,19 @@ fn garbage_and_truncated_pdus_leave_the_target_serving() {
     cut.stream.write_all(&header[..30]).unwrap();
     drop(cut);
 
+    // Immediate commands take no CmdSN, so the window does not bound them: a flood of
+    // writes that never send their data ends in TASK SET FULL, not in unbounded memory.
+    let mut flood = Initiator::login(&server.iscsi, iqn, "iqn.2026-11.test:flood", false).unwrap();
+    for _ in 0..300 {
+        let mut header = flood.command_header(&write10(0, 16), 65536, false, true);
+        header[0] |= 0x40; // immediate
+        header[1] &= !0x80; // unsolicited Data-Out would follow
+        flood.cmd_sn -= 1;
+        flood.send(&header, &[0u8; 4096], false);
+    }
+    let full = flood.finish().expect("an answer to the flood");
+    assert_eq!(full.status, 0x28, "TASK SET FULL");
+
     // Everyone else is unaffected.
     let r = steady.command(&write10(4, 1), &[0x42; 4096], 0).unwrap();
     assert_eq!(r.status, 0);
@@ -372,15 +385,27 @@ fn lun_masking_and_target_port_groups() {
     let reply = nine.read().unwrap();
     assert_eq!((reply.opcode(), reply.header[2]), (0x22, 0), "TMF response: function complete");
     let tur = one.command(&[0, 0, 0, 0, 0, 0], &[], 0).unwrap();
-    assert_eq!((tur.status, tur.sense_code().map(|s| (s.0, s.1))), (2, Some((6, 0x29))), "unit attention: reset");
+    assert_eq!(
+        (tur.status, tur.sense_code().map(|s| (s.0, s.1))),
+        (2, Some((6, 0x29))),
+        "unit attention: reset"
+    );
     // Removing LUN 7's export takes it away from a session already logged in.
     server.ok(&["export", "remove", "common"]);
     assert_eq!(report_luns(&mut one), vec![0]);
     // Metrics: iSCSI IO per volume, and the sessions open.
     let metrics = run(
         "curl",
-        &["-s", "-H", &format!("Authorization: Bearer {}", server.token()), &format!("{}/metrics", server.api)],
+        &[
+            "-s",
+            "-H",
+            &format!("Authorization: Bearer {}", server.token()),
+            &format!("{}/metrics", server.api),
+        ],
     );
-    assert!(metrics.contains("strata_io_requests_total{scope=\"iscsi\",name=\"private\",op=\"read\"}"), "{metrics}");
+    assert!(
+        metrics.contains("strata_io_requests_total{scope=\"iscsi\",name=\"private\",op=\"read\"}"),
+        "{metrics}"
+    );
     assert!(metrics.lines().any(|l| l == "strata_iscsi_sessions 2"), "two sessions open: {metrics}");
 }

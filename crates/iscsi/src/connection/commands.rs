@@ -11,6 +11,9 @@ use crate::pdu::{self, NO_TAG, Pdu, op};
 
 /// Largest expected data transfer length a command may announce.
 const MAX_TRANSFER: u32 = 32 << 20;
+/// Commands a connection holds at once (collecting data or running): twice the CmdSN
+/// window, leaving room for immediate commands.
+const MAX_TASKS: usize = 2 * COMMAND_WINDOW as usize;
 /// Fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB (for a transfer too large to
 /// take).
 const INVALID_FIELD_IN_CDB: [u8; 18] = [0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0];
@@ -62,6 +65,12 @@ impl Connection<'_> {
             return;
         }
         self.refresh_luns();
+        if self.receiving.len() + self.executing.len() >= MAX_TASKS {
+            // Immediate commands take no CmdSN, so the window does not bound them.
+            let outcome = Outcome { status: Status::TaskSetFull, data: Bytes::new(), sense: None };
+            self.respond(itt, outcome, edtl, false, 0);
+            return;
+        }
         if !write || edtl == 0 {
             self.execute(itt, lun, cdb, Bytes::new(), edtl, read);
             return;
@@ -81,7 +90,9 @@ impl Connection<'_> {
         } else {
             edtl.min(self.params.first_burst_length)
         };
-        let mut data = BytesMut::with_capacity(edtl as usize);
+        // Room for what comes unasked (immediate and unsolicited data); each R2T reserves
+        // its burst, so a length announced but not yet asked for costs nothing.
+        let mut data = BytesMut::with_capacity(unsolicited.max(len32(pdu.data.len())) as usize);
         data.extend_from_slice(&pdu.data);
         let task = Receiving {
             lun,
@@ -119,6 +130,7 @@ impl Connection<'_> {
         let task = self.receiving.get_mut(&itt).expect("present");
         task.ttt = ttt;
         task.burst_end = received + len;
+        task.data.reserve(len as usize);
         task.data_sn = 0;
         let r2t_sn = task.r2t_sn;
         task.r2t_sn += 1;
