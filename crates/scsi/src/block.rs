@@ -131,6 +131,19 @@ impl LogicalUnit {
         data.slice(..usize::try_from(have.min(len)).unwrap_or(0))
     }
 
+    /// Checks a write-type command (no protection information, in range, within the
+    /// transfer limit, unit writable) and returns where it goes with the whole blocks of
+    /// its data-out, or None when there is nothing to write (a short data-out is written
+    /// as far as it goes; the transport reports the residual).
+    fn write_target(&self, io: &Io, data: &Bytes) -> Result<Option<(u64, Bytes)>, Sense> {
+        no_protection(io)?;
+        let (offset, len) = self.extent(io.lba, u64::from(io.blocks))?;
+        self.check_transfer(io.blocks)?;
+        self.writable()?;
+        let data = self.whole_blocks(data, len);
+        Ok((!data.is_empty()).then_some((offset, data)))
+    }
+
     /// READ(6/10/12/16).
     pub(crate) async fn read(&self, io: Io) -> Reply {
         no_protection(&io)?;
@@ -144,14 +157,7 @@ impl LogicalUnit {
 
     /// WRITE(6/10/12/16).
     pub(crate) async fn write(&self, io: Io, data: &Bytes) -> Reply {
-        no_protection(&io)?;
-        let (offset, len) = self.extent(io.lba, u64::from(io.blocks))?;
-        self.check_transfer(io.blocks)?;
-        self.writable()?;
-        let data = self.whole_blocks(data, len);
-        if data.is_empty() {
-            return Ok(Bytes::new());
-        }
+        let Some((offset, data)) = self.write_target(&io, data)? else { return Ok(Bytes::new()) };
         let _guard = self.write_guard(offset, data.len() as u64).await;
         self.write_range(offset, data, self.durability(io.fua)).await.map_err(write_error)?;
         Ok(Bytes::new())
@@ -159,14 +165,7 @@ impl LogicalUnit {
 
     /// WRITE AND VERIFY(10/12/16): a durable write, read back (and compared, BYTCHK=1).
     pub(crate) async fn write_verify(&self, io: Io, bytchk: u8, data: &Bytes) -> Reply {
-        no_protection(&io)?;
-        let (offset, len) = self.extent(io.lba, u64::from(io.blocks))?;
-        self.check_transfer(io.blocks)?;
-        self.writable()?;
-        let data = self.whole_blocks(data, len);
-        if data.is_empty() {
-            return Ok(Bytes::new());
-        }
+        let Some((offset, data)) = self.write_target(&io, data)? else { return Ok(Bytes::new()) };
         {
             let _guard = self.write_guard(offset, data.len() as u64).await;
             self.write_range(offset, data.clone(), Durability::Fua).await.map_err(write_error)?;
@@ -220,14 +219,7 @@ impl LogicalUnit {
 
     /// ORWRITE(16): ORs the data-out into the blocks, atomically against other writers.
     pub(crate) async fn or_write(&self, io: Io, data: &Bytes) -> Reply {
-        no_protection(&io)?;
-        let (offset, len) = self.extent(io.lba, u64::from(io.blocks))?;
-        self.check_transfer(io.blocks)?;
-        self.writable()?;
-        let data = self.whole_blocks(data, len);
-        if data.is_empty() {
-            return Ok(Bytes::new());
-        }
+        let Some((offset, data)) = self.write_target(&io, data)? else { return Ok(Bytes::new()) };
         let _exclusive = self.exclusive().await;
         let old = self.read_range(offset, data.len() as u64).await.map_err(read_error)?;
         let mut new = BytesMut::from(&old[..]);
