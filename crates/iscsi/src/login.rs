@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::chap::{Chap, ChapError};
 use crate::negotiate::{Parameters, ours};
 use crate::pdu::{self, Digests, Pdu, op};
+use crate::session::Sessions;
 use crate::text::Pairs;
 use crate::{Credentials, Refusal, TargetNode, Targets};
 
@@ -106,7 +107,7 @@ pub struct LoginContext<'a> {
     /// Targets and their allow-lists.
     pub targets: &'a dyn Targets,
     /// Gives out session handles.
-    pub next_tsih: &'a dyn Fn() -> u16,
+    pub sessions: &'a Sessions,
 }
 
 /// Where security negotiation stands.
@@ -167,7 +168,7 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                 let done = transit && pdu.flags() & 0x03 == stage::FULL_FEATURE;
                 let mut reply = login.reply(&pdu, transit, answer);
                 if done {
-                    let tsih = (ctx.next_tsih)();
+                    let tsih = ctx.sessions.next_tsih();
                     reply.header[14..16].copy_from_slice(&tsih.to_be_bytes());
                     write(stream, &reply).await?;
                     return Ok(LoggedIn {

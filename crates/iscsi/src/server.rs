@@ -131,9 +131,7 @@ impl IscsiServer {
     ) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         let mut input = BytesMut::with_capacity(64 << 10);
-        let sessions = self.sessions.clone();
-        let next_tsih = move || sessions.next_tsih();
-        let ctx = LoginContext { targets: self.targets.as_ref(), next_tsih: &next_tsih };
+        let ctx = LoginContext { targets: self.targets.as_ref(), sessions: &self.sessions };
         let logged_in = tokio::select! {
             result = tokio::time::timeout(LOGIN_TIMEOUT, login::login(&mut stream, &mut input, &ctx)) => result,
             () = stopped(&mut shutdown) => Ok(Err(LoginError::Protocol("server shutting down".into()))),

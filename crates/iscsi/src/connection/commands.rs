@@ -122,11 +122,7 @@ impl Connection<'_> {
             return; // the current burst is still arriving
         }
         let len = (task.edtl - received).min(self.params.max_burst_length);
-        let ttt = {
-            let t = self.next_ttt;
-            self.next_ttt = if t.wrapping_add(1) == NO_TAG { 1 } else { t.wrapping_add(1) };
-            t
-        };
+        let ttt = self.take_ttt();
         let task = self.receiving.get_mut(&itt).expect("present");
         task.ttt = ttt;
         task.burst_end = received + len;
