@@ -456,8 +456,9 @@ impl Controller {
         Ok(format!("iqn.2026-11.io.strata:{}.{}", pool.id().simple(), id.simple()))
     }
 
-    /// Serves `record` from now on (without saving it).
-    async fn start_export(&self, mut record: ExportRecord) -> Result<(), Failure> {
+    /// Serves `record` from now on (without saving it); returns it as served (iSCSI names
+    /// in normal form, the LUN filled in).
+    async fn start_export(&self, mut record: ExportRecord) -> Result<ExportRecord, Failure> {
         let bad = |why: String| Failure::new(FailureKind::BadRequest, why);
         let frontend = match record.protocol.as_str() {
             NBD => {
@@ -540,9 +541,9 @@ impl Controller {
         if let Frontend::Iscsi { lu } = &frontend {
             self.lu_directory.insert(lu);
         }
-        self.exports.write().insert(export_key(&record), LiveExport { record, frontend });
+        self.exports.write().insert(export_key(&record), LiveExport { record: record.clone(), frontend });
         self.export_generation.fetch_add(1, Ordering::AcqRel);
-        Ok(())
+        Ok(record)
     }
 
     /// Refuses a second export of a volume over one protocol, and a name (and LUN) taken.
@@ -619,13 +620,9 @@ impl Controller {
     }
 
     /// Exports a volume and records it so it is served again after a restart.
-    pub async fn add_export(&self, mut record: ExportRecord) -> Result<ExportView, Failure> {
+    pub async fn add_export(&self, record: ExportRecord) -> Result<ExportView, Failure> {
         let mut saved = self.saved.lock().await;
-        if record.protocol == ISCSI {
-            record.name = iscsi_name(&record.name).map_err(|e| Failure::new(FailureKind::BadRequest, e))?;
-            record.lun.get_or_insert(0);
-        }
-        self.start_export(record.clone()).await?;
+        let record = self.start_export(record).await?;
         saved.exports.push(record.clone());
         if let Err(e) = self.save(&saved).await {
             saved.exports.pop();
@@ -633,9 +630,7 @@ impl Controller {
             return Err(e);
         }
         tracing::info!(volume = %record.volume, protocol = %record.protocol, export = %record.name, "export added");
-        let live =
-            self.exports.read().get(&export_key(&record)).map(|e| e.record.clone()).expect("just added");
-        Ok(self.view(live, None))
+        Ok(self.view(record, None))
     }
 
     fn stop_export(&self, key: &str) {
