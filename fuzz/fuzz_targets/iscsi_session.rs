@@ -7,21 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use strata_block::{BlockIo, MemDevice};
 use strata_iscsi::{IscsiServer, Refusal, TargetNode, Targets};
-use strata_scsi::{Directory, Identity, LogicalUnit, LunMap, ReservationStore};
+use strata_scsi::{Directory, Identity, LogicalUnit, LunMap, Volatile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Nowhere;
-
-#[async_trait::async_trait]
-impl ReservationStore for Nowhere {
-    async fn save(&self, _: Bytes) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        Ok(())
-    }
-}
 
 struct One(Arc<TargetNode>);
 
@@ -50,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
             target_port_group: 1,
             read_only: false,
         };
-        let lu = LogicalUnit::new(device, identity, None, Arc::new(Nowhere), Arc::new(Directory::new())).unwrap();
+        let lu = LogicalUnit::new(device, identity, None, Arc::new(Volatile), Arc::new(Directory::new())).unwrap();
         let mut luns = LunMap::new();
         luns.insert(0, Arc::new(lu));
         let node = TargetNode { name: "iqn.2026-11.io.strata:fuzz".into(), alias: None, every_lu: luns.values().cloned().collect(), luns, chap: None, mutual: None };

@@ -9,16 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use strata_block::{BlockIo, MemDevice};
-use strata_scsi::{Command, Directory, Identity, LogicalUnit, LunMap, Nexus, ReservationStore, Status};
-
-struct Nowhere;
-
-#[async_trait::async_trait]
-impl ReservationStore for Nowhere {
-    async fn save(&self, _: Bytes) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        Ok(())
-    }
-}
+use strata_scsi::{Command, Directory, Identity, LogicalUnit, LunMap, Nexus, Status, Volatile};
 
 fuzz_target!(|data: &[u8]| {
     // First byte: how many bytes of CDB follow (up to 32); the rest is data-out.
@@ -37,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
             target_port_group: 1,
             read_only: false,
         };
-        let lu = LogicalUnit::new(device, identity, None, Arc::new(Nowhere), Arc::new(Directory::new())).unwrap();
+        let lu = LogicalUnit::new(device, identity, None, Arc::new(Volatile), Arc::new(Directory::new())).unwrap();
         let mut luns = LunMap::new();
         luns.insert(0, Arc::new(lu));
         let nexus = Nexus {

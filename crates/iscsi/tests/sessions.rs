@@ -5,23 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use strata_block::{BlockIo, MemDevice};
 use strata_iscsi::{IscsiServer, Refusal, TargetNode, Targets};
-use strata_scsi::{Directory, Identity, LogicalUnit, LunMap, ReservationStore};
+use strata_scsi::{Directory, Identity, LogicalUnit, LunMap, Volatile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TARGET: &str = "iqn.2026-11.io.strata:sessions";
-
-struct Nowhere;
-
-#[async_trait::async_trait]
-impl ReservationStore for Nowhere {
-    async fn save(&self, _: Bytes) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        Ok(())
-    }
-}
 
 struct One(Arc<TargetNode>);
 
@@ -49,7 +39,8 @@ async fn server(interval: Duration, timeout: Duration) -> (String, tokio::sync::
         target_port_group: 1,
         read_only: false,
     };
-    let lu = LogicalUnit::new(device, identity, None, Arc::new(Nowhere), Arc::new(Directory::new())).unwrap();
+    let lu =
+        LogicalUnit::new(device, identity, None, Arc::new(Volatile), Arc::new(Directory::new())).unwrap();
     let mut luns = LunMap::new();
     luns.insert(0, Arc::new(lu));
     let node = TargetNode {

@@ -163,6 +163,17 @@ pub trait ReservationStore: Send + Sync + 'static {
     async fn save(&self, state: Bytes) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
+/// A store that keeps nothing: reservations last as long as the process (scratch units,
+/// tests and fuzzing).
+pub struct Volatile;
+
+#[async_trait]
+impl ReservationStore for Volatile {
+    async fn save(&self, _: Bytes) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
+}
+
 /// Why a logical unit could not be created.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
