@@ -193,7 +193,10 @@ impl Connection<'_> {
         self.executing.insert(itt, Executing { lun, aborted: false, background });
         self.running.push(Box::pin(async move {
             let outcome = strata_scsi::execute(&luns, lun, &nexus, &command).await;
-            let wanted_out = luns.get(&lun).map_or(0, |lu| lu.data_out_length(&command.cdb));
+            // Only writes need what their CDB asks for (reads count the data they produce),
+            // so a read's CDB is not parsed a second time.
+            let wanted_out =
+                if read { 0 } else { luns.get(&lun).map_or(0, |lu| lu.data_out_length(&command.cdb)) };
             (itt, outcome, edtl, read, wanted_out)
         }));
     }
