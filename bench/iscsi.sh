@@ -80,6 +80,8 @@ MARKER=".strata-iscsi-bench"
 
 die() { echo "iscsi.sh: $*" >&2; exit 1; }
 log() { echo "== $*" >&2; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 case "$LAYOUT" in linear | raid10) ;; *) die "LAYOUT must be linear or raid10, not '$LAYOUT'" ;; esac
 [[ "$RUNTIME" =~ ^[0-9]+$ && "$RUNTIME" -gt 0 ]] || die "RUNTIME must be a positive number of seconds"
@@ -162,21 +164,6 @@ ROWS="$DIR/rows.tsv"
 TGT_PID="" STRATA_PID="" PERF_PID="" FIO_PID=""
 TGT_SOCKET="$TGT_IPC_DIR/socket.$TGT_CONTROL_PORT"
 TGT_SOCKET_OURS="" # set when our tgtd made its control socket files, which it leaves behind
-stop_pid() { # pid name seconds
-  local pid="$1" name="$2" wait_s="$3" i
-  [ -n "$pid" ] || return 0
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < wait_s * 10; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "iscsi.sh: $name (pid $pid) did not stop in ${wait_s}s after SIGTERM; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
 # tgtd ignores SIGTERM: it stops when told over its control socket, once it has no target.
 stop_tgtd() {
   local i
@@ -220,14 +207,6 @@ trap 'exit 143' TERM
 
 # utime+stime of a process (all its threads), in clock ticks. The command name in field 2
 # may hold spaces, so count fields after its closing parenthesis.
-cpu_ticks() {
-  local stat rest
-  stat="$(cat "/proc/$1/stat")" || die "cannot read /proc/$1/stat: is the server still running?"
-  rest="${stat##*) }"
-  # shellcheck disable=SC2086
-  set -- $rest # fields 3.. of stat
-  echo $(("${12}" + "${13}"))
-}
 
 # --- servers ---------------------------------------------------------------------------
 tgtadm_() { timeout 30 tgtadm -C "$TGT_CONTROL_PORT" --lld iscsi "$@" >>"$DIR/logs/tgtadm.log" 2>&1 ||
@@ -263,31 +242,10 @@ start_tgtd() {
   tgtadm_ --op bind --mode target --tid 1 -I ALL
 }
 
-strata_cli() { "$STRATA" --data-dir "$DIR/strata" "$@" >>"$DIR/logs/strata-cli.log" 2>&1 ||
-  die "strata $* failed: $(tail -n 3 "$DIR/logs/strata-cli.log")"; }
 
 start_strata() {
   has strata || return 0
-  log "starting strata ($LAYOUT)"
-  RUST_LOG="${RUST_LOG:-warn}" "$STRATA" serve --data-dir "$DIR/strata" \
-    --api "127.0.0.1:$STRATA_API_PORT" --nbd "127.0.0.1:$STRATA_NBD_PORT" \
-    --iscsi "127.0.0.1:$STRATA_ISCSI_PORT" >"$DIR/logs/strata.log" 2>&1 &
-  STRATA_PID=$!
-  local i
-  for ((i = 0; i < 300; i++)); do
-    [ -f "$DIR/strata/endpoints.json" ] && break
-    kill -0 "$STRATA_PID" 2>/dev/null || die "strata serve exited while starting"
-    sleep 0.1
-  done
-  [ -f "$DIR/strata/endpoints.json" ] || die "strata serve wrote no endpoints.json in 30 s"
-  if [ "$LAYOUT" = linear ]; then
-    strata_cli device add "$DIR/strata/devices/dev0" --create 2G
-  else
-    for i in 0 1 2 3; do
-      strata_cli device add "$DIR/strata/devices/dev$i" --create 1G --fault-domain "shelf$i"
-    done
-  fi
-  strata_cli volume create bench --size 1G --layout "$LAYOUT"
+  start_strata_volume
   # Written in full first, as tgtd's file is: reads of never-written blocks cost less.
   strata_cli export add bench --nbd
   log "filling the strata volume (fio seq write over NBD, 1M, QD8)"
@@ -341,7 +299,6 @@ workload() {
 }
 for w in $WORKLOADS; do workload "$w" >/dev/null; done
 
-now() { date +%s.%N; }
 
 # One iscsi-perf run against one server; appends a row to $ROWS.
 run_one() { # round workload server

@@ -36,8 +36,8 @@
 #             rr4k-qd32-30k rw4k-qd32-30k sr1m-qd8 sw1m-qd8; the -30k ones are held at
 #             30k IOPS, so every server does the same work and CPU per request compares)
 #   OUT       also write the markdown table to this file
-#   NBDKIT_PORT, QEMU_PORT, STRATA_NBD_PORT, STRATA_API_PORT
-#             listen ports (default 20810, 20811, 20809, 17480), all on 127.0.0.1
+#   NBDKIT_PORT, QEMU_PORT, STRATA_NBD_PORT, STRATA_API_PORT, STRATA_ISCSI_PORT
+#             listen ports (default 20810, 20811, 20809, 17480, 20808), all on 127.0.0.1
 #
 # Needs: fio (with the nbd engine; fio >= 3.17), nbdkit, qemu-nbd, python3, and cargo if
 # the strata binary is not built. Debian: apt-get install fio nbdkit qemu-utils
@@ -56,10 +56,13 @@ NBDKIT_PORT="${NBDKIT_PORT:-20810}"
 QEMU_PORT="${QEMU_PORT:-20811}"
 STRATA_NBD_PORT="${STRATA_NBD_PORT:-20809}"
 STRATA_API_PORT="${STRATA_API_PORT:-17480}"
+STRATA_ISCSI_PORT="${STRATA_ISCSI_PORT:-20808}"
 MARKER=".strata-nbd-bench"
 
 die() { echo "nbd.sh: $*" >&2; exit 1; }
 log() { echo "== $*" >&2; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 case "$LAYOUT" in linear | raid10) ;; *) die "LAYOUT must be linear or raid10, not '$LAYOUT'" ;; esac
 [[ "$RUNTIME" =~ ^[0-9]+$ && "$RUNTIME" -gt 0 ]] || die "RUNTIME must be a positive number of seconds"
@@ -100,21 +103,6 @@ ROWS="$DIR/rows.tsv"
 : >"$ROWS"
 
 NBDKIT_PID="" QEMU_PID="" STRATA_PID="" FIO_PID=""
-stop_pid() { # pid name seconds
-  local pid="$1" name="$2" wait_s="$3" i
-  [ -n "$pid" ] || return 0
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < wait_s * 10; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "nbd.sh: $name (pid $pid) did not stop in ${wait_s}s after SIGTERM; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
@@ -145,18 +133,8 @@ wait_port() { # port pid name
 
 # utime+stime of a process (all its threads), in clock ticks. The command name in field 2
 # may hold spaces, so count fields after its closing parenthesis.
-cpu_ticks() {
-  local stat rest
-  stat="$(cat "/proc/$1/stat")" || die "cannot read /proc/$1/stat: is the server still running?"
-  rest="${stat##*) }"
-  # shellcheck disable=SC2086
-  set -- $rest # fields 3.. of stat
-  echo $(("${12}" + "${13}"))
-}
 
 # --- servers ---------------------------------------------------------------------------
-strata_cli() { "$STRATA" --data-dir "$DIR/strata" "$@" >>"$DIR/logs/strata-cli.log" 2>&1 ||
-  die "strata $* failed: $(tail -n 3 "$DIR/logs/strata-cli.log")"; }
 
 start_peers() {
   if [[ " $SERVERS " == *" nbdkit "* || " $SERVERS " == *" qemu-nbd "* ]]; then
@@ -179,25 +157,7 @@ start_peers() {
 
 start_strata() {
   [[ " $SERVERS " == *" strata "* ]] || return 0
-  log "starting strata ($LAYOUT)"
-  RUST_LOG="${RUST_LOG:-warn}" "$STRATA" serve --data-dir "$DIR/strata" \
-    --api "127.0.0.1:$STRATA_API_PORT" --nbd "127.0.0.1:$STRATA_NBD_PORT" >"$DIR/logs/strata.log" 2>&1 &
-  STRATA_PID=$!
-  local i
-  for ((i = 0; i < 300; i++)); do
-    [ -f "$DIR/strata/endpoints.json" ] && break
-    kill -0 "$STRATA_PID" 2>/dev/null || die "strata serve exited while starting"
-    sleep 0.1
-  done
-  [ -f "$DIR/strata/endpoints.json" ] || die "strata serve wrote no endpoints.json in 30 s"
-  if [ "$LAYOUT" = linear ]; then
-    strata_cli device add "$DIR/strata/devices/dev0" --create 2G
-  else
-    for i in 0 1 2 3; do
-      strata_cli device add "$DIR/strata/devices/dev$i" --create 1G --fault-domain "shelf$i"
-    done
-  fi
-  strata_cli volume create bench --size 1G --layout "$LAYOUT"
+  start_strata_volume
   strata_cli export add bench --nbd
   log "filling the strata volume (fio seq write, 1M, QD8)"
   fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$STRATA_NBD_PORT/bench" --rw=write \
@@ -238,7 +198,6 @@ workload() {
 }
 for w in $WORKLOADS; do workload "$w" >/dev/null; done
 
-now() { date +%s.%N; }
 
 # One fio run against one server; appends a row to $ROWS.
 run_one() { # round workload server
