@@ -1,0 +1,1 @@
+//! Accepting connections within a global and a per-client-address cap.
