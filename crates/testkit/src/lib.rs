@@ -376,6 +376,9 @@ pub async fn check_redundancy(
             let parity = level.parity_members();
             let chunk = usize::try_from(*chunk).expect("fits");
             let rows = members[0].len() / chunk;
+            // Q's coefficient for data chunk k is 2^k: one product table per chunk index.
+            let times: Vec<Vec<u8>> =
+                (0..n - parity).map(|k| (0..=255u8).map(|x| gf_mul(x, gf_pow2(k))).collect()).collect();
             for row in 0..rows {
                 let p = n - 1 - row % n;
                 let data: Vec<Vec<u8>> = (0..n - parity)
@@ -386,7 +389,7 @@ pub async fn check_redundancy(
                 for (k, d) in data.iter().enumerate() {
                     for i in 0..chunk {
                         want_p[i] ^= d[i];
-                        want_q[i] ^= gf_mul(d[i], gf_pow2(k));
+                        want_q[i] ^= times[k][usize::from(d[i])];
                     }
                 }
                 if members[p][row * chunk..(row + 1) * chunk] != want_p[..] {

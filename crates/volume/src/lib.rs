@@ -18,5 +18,6 @@ pub use layout::{
     AllocatedLeg, Allocator, DEFAULT_CHUNK, Layout, LayoutError, VolumeRequest, bitmap_bytes, region_size,
 };
 pub use map::{Location, Role, map};
+pub use nodes::range_lock::{Acquire, RangeGuard, RangeLock};
 pub use spec::{BitmapSpec, DeviceId, NodeSpec, ParityLevel};
 pub use tree::{BuildError, DeviceLookup, NodeHealth, Tree, TreeError, VolumeState};

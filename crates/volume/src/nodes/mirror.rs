@@ -2,6 +2,10 @@
 //! by address and fall over to the next leg on error; writes go to every healthy leg and
 //! succeed while one leg takes them. A leg that fails is recorded in the write-intent
 //! bitmap, so when it comes back only the regions written meanwhile are copied to it.
+//!
+//! Writes, discards and write-zeroes hold their range in a [`RangeLock`] while the legs
+//! are written, so overlapping ones reach every leg in the same order and the copies never
+//! disagree; those that share no block do not wait for each other.
 
 use std::sync::Arc;
 
@@ -12,10 +16,13 @@ use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp, Span};
 
 use super::bitmap::Bitmap;
 use super::members::Members;
+use super::range_lock::RangeLock;
 use crate::tree::{NodeHealth, Redundant};
 
 pub(crate) struct Mirror {
     legs: Members,
+    /// Orders overlapping changes of data: each leg takes them in the order they came.
+    changes: RangeLock,
     geometry: Geometry,
 }
 
@@ -35,7 +42,11 @@ impl Mirror {
         let block_size = legs.iter().map(|l| l.geometry().block_size).max().unwrap_or(512);
         let bitmap = Bitmap::new(size_bytes, bitmap_region, bitmap_copies);
         let tolerance = legs.len() - 1;
-        Self { legs: Members::new(legs, bitmap, tolerance), geometry: Geometry { block_size, size_bytes } }
+        Self {
+            legs: Members::new(legs, bitmap, tolerance),
+            changes: RangeLock::new(),
+            geometry: Geometry { block_size, size_bytes },
+        }
     }
 
     /// The leg that serves reads of `offset` while it is healthy: spans of 1 MiB take turns
@@ -128,6 +139,7 @@ impl BlockIo for Mirror {
 
     async fn write(&self, offset: u64, data: Bytes, durability: Durability) -> Result<(), IoError> {
         self.geometry.check(IoOp::Write, offset, data.len() as u64)?;
+        let _order = self.changes.lock(offset..offset + data.len() as u64).await;
         let _guard = self.legs.bitmap.start_write(offset, data.len() as u64).await?;
         self.on_all_legs(IoOp::Write, offset, |leg| leg.write(offset, data.clone(), durability)).await
     }
@@ -140,12 +152,14 @@ impl BlockIo for Mirror {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::Discard, offset, len)?;
+        let _order = self.changes.lock(offset..offset + len).await;
         let _guard = self.legs.bitmap.start_write(offset, len).await?;
         self.on_all_legs(IoOp::Discard, offset, |leg| leg.discard(offset, len)).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.geometry.check(IoOp::WriteZeroes, offset, len)?;
+        let _order = self.changes.lock(offset..offset + len).await;
         let _guard = self.legs.bitmap.start_write(offset, len).await?;
         self.on_all_legs(IoOp::WriteZeroes, offset, |leg| leg.write_zeroes(offset, len)).await
     }

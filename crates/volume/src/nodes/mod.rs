@@ -7,6 +7,7 @@ pub(crate) mod gf;
 pub(crate) mod members;
 pub(crate) mod mirror;
 pub(crate) mod parity;
+pub(crate) mod range_lock;
 pub(crate) mod split;
 pub(crate) mod stripe;
 
