@@ -5,8 +5,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use axum::body::Body as RequestBody;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -26,6 +27,9 @@ use crate::failure::{Failure, FailureKind};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("../openapi.json");
+/// Largest request body read; larger ones are refused with 413 (API bodies are a few
+/// hundred bytes).
+pub const MAX_BODY: usize = 1 << 20;
 
 /// What every handler can reach.
 pub struct ApiState {
@@ -41,6 +45,8 @@ pub struct ApiState {
     pub api_addr: String,
     /// When the controller started.
     pub started: Instant,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -73,10 +79,9 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        let status = if r.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-            r.status()
-        } else {
-            StatusCode::BAD_REQUEST
+        let status = match r.status() {
+            status @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => status,
+            _ => StatusCode::BAD_REQUEST,
         };
         ApiError(status, format!("invalid request body: {}", r.body_text()))
     }
@@ -133,6 +138,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/map", get(map_volume))
         .route("/v1/exports", get(list_exports).post(add_export))
         .route("/v1/exports/{volume}", axum::routing::delete(remove_export))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route("/health", get(health))
         .fallback(|| async {
@@ -164,6 +170,39 @@ async fn authenticate(State(state): Shared, headers: HeaderMap, request: Request
                 .into_response()
         }
     }
+}
+
+/// Reads an authenticated request's body within [`MAX_BODY`] and the body timeout, so a
+/// client can neither make the controller hold a large body nor hold a connection by
+/// sending one slowly; unauthenticated requests never get this far.
+async fn read_body(State(state): Shared, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, RequestBody::from(bytes))).await,
+        Ok(Err(e)) if too_large(&e) => ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than the API accepts ({MAX_BODY} bytes)"),
+        )
+        .into_response(),
+        Ok(Err(e)) => bad_request(format!("cannot read the request body: {e}")).into_response(),
+        Err(_) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {} ms", state.body_timeout.as_millis()),
+        )
+        .into_response(),
+    }
+}
+
+/// Whether reading a body failed because it is over the limit.
+fn too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 async fn health() -> Json<Value> {

@@ -2,8 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+use strata_net::listener::Caps;
 
 /// Default REST API address.
 pub const DEFAULT_API: &str = "127.0.0.1:7480";
@@ -34,6 +36,50 @@ pub struct ServeConfig {
     pub direct_io: Option<bool>,
     /// Make demo devices, a `demo` volume and its export if they are missing.
     pub demo: Option<bool>,
+    /// Caps on connections and the API's timeout (`[connections]`).
+    pub connections: Option<ConnectionLimits>,
+}
+
+/// How many connections each listener (NBD, iSCSI, the API) serves, and how long the API
+/// waits for clients: the `[connections]` table. Every key has a default.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// Most connections a listener serves at once [1024].
+    pub total: Option<usize>,
+    /// Most connections a listener serves at once from one client address [64], so one
+    /// address cannot take every place.
+    pub per_address: Option<usize>,
+    /// Milliseconds an API connection may go without sending a whole request head (idle,
+    /// silent, or sending its headers slowly) and a request body may take to arrive
+    /// [30000]; then the connection is closed.
+    pub api_idle_timeout_ms: Option<u64>,
+}
+
+/// Default of `api_idle_timeout_ms`.
+pub const DEFAULT_API_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ConnectionLimits {
+    /// The caps of each listener; zero is refused (it would refuse every client).
+    pub fn caps(&self) -> Result<Caps, String> {
+        let caps = Caps {
+            total: self.total.unwrap_or(Caps::TOTAL),
+            per_address: self.per_address.unwrap_or(Caps::PER_ADDRESS),
+        };
+        if caps.total == 0 || caps.per_address == 0 {
+            return Err("[connections] total and per_address must be at least 1".into());
+        }
+        Ok(caps)
+    }
+
+    /// How long the API waits for a request head or body.
+    pub fn api_idle_timeout(&self) -> Result<Duration, String> {
+        match self.api_idle_timeout_ms {
+            Some(0) => Err("[connections] api_idle_timeout_ms must be at least 1".into()),
+            Some(ms) => Ok(Duration::from_millis(ms)),
+            None => Ok(DEFAULT_API_IDLE_TIMEOUT),
+        }
+    }
 }
 
 impl ServeConfig {
@@ -54,6 +100,7 @@ impl ServeConfig {
             pool_name: other.pool_name.or(self.pool_name),
             direct_io: other.direct_io.or(self.direct_io),
             demo: other.demo.or(self.demo),
+            connections: other.connections.or(self.connections),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod controller;
 pub mod exports;
 pub mod failure;
+pub mod http;
 pub mod metrics;
 pub mod serve;
 pub mod size;

@@ -11,6 +11,7 @@ use std::time::Instant;
 use strata_block::FileOptions;
 use strata_iscsi::IscsiServer;
 use strata_nbd::NbdServer;
+use strata_net::listener::Listener;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -32,6 +33,9 @@ async fn listen(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListener,
 /// Runs a controller until SIGTERM or SIGINT.
 pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let started = Instant::now();
+    let limits = config.connections.clone().unwrap_or_default();
+    let (caps, api_idle_timeout) = (limits.caps()?, limits.api_idle_timeout()?);
+    raise_file_limit(caps);
     let demo = config.demo.unwrap_or(false);
     let data_dir = config
         .data_dir
@@ -72,9 +76,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
 
     let (stop, stopped) = watch::channel(false);
     let nbd = NbdServer::new(controller.clone());
-    let nbd_task = tokio::spawn(nbd.clone().run(nbd_listener, stopped.clone()));
+    let nbd_task = tokio::spawn(nbd.clone().run(Listener::new(nbd_listener, "NBD", caps), stopped.clone()));
     let iscsi = IscsiServer::new(controller.clone());
-    let iscsi_task = tokio::spawn(iscsi.clone().run(iscsi_listener, stopped.clone()));
+    let iscsi_task =
+        tokio::spawn(iscsi.clone().run(Listener::new(iscsi_listener, "iSCSI", caps), stopped.clone()));
     let state = Arc::new(ApiState {
         controller: controller.clone(),
         token,
@@ -82,15 +87,11 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         iscsi,
         api_addr: format!("http://{api_addr}"),
         started,
+        body_timeout: api_idle_timeout,
     });
-    let mut api_stopped = stopped.clone();
-    let api_task = tokio::spawn(async move {
-        axum::serve(api_listener, router(state))
-            .with_graceful_shutdown(async move {
-                let _ = api_stopped.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let api_listener = Listener::new(api_listener, "API", caps);
+    let api_task =
+        tokio::spawn(crate::http::serve(api_listener, router(state), api_idle_timeout, stopped.clone()));
 
     tracing::info!(api = %api_addr, nbd = %nbd_addr, iscsi = %iscsi_addr, data_dir = %data_dir.display(), "controller running");
     println!("Strata controller running (data in {})", data_dir.display());
@@ -117,15 +118,47 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let _ = stop.send(true);
     let _ = nbd_task.await;
     let _ = iscsi_task.await;
-    match api_task.await {
-        Ok(Err(e)) => tracing::error!(error = %e, "API server failed"),
-        Err(e) => tracing::error!(error = %e, "API task failed"),
-        Ok(Ok(())) => {}
+    if let Err(e) = api_task.await {
+        tracing::error!(error = %e, "API task failed");
     }
     controller.shut_down().await;
     let _ = std::fs::remove_file(&endpoints_path);
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection and device
+/// file is a file descriptor, and the usual soft limit (1024) is below what the listeners'
+/// caps let clients open, so without this a flood on one listener (EMFILE) stops the others
+/// from accepting.
+fn raise_file_limit(caps: strata_net::listener::Caps) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // Linux has no unlimited number of files: an unlimited hard limit is kept as it is.
+    let raised = match limit.maximum {
+        Some(hard) if limit.current != Some(hard) => {
+            match setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(hard), ..limit }) {
+                Ok(()) => Some(hard),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot raise the limit on open files to the hard limit");
+                    limit.current
+                }
+            }
+        }
+        _ => limit.current,
+    };
+    let soft = raised.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+    let hard = limit.maximum.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+    tracing::info!(soft = %soft, hard = %hard, "limit on open files");
+    // Three listeners at their total cap, plus devices, logs and the like.
+    let wanted = 3 * caps.total as u64 + 256;
+    if raised.is_some_and(|n| n < wanted) {
+        tracing::warn!(
+            soft = %soft,
+            wanted,
+            "the limit on open files is below what the connection caps allow; raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower [connections] total"
+        );
+    }
 }
 
 async fn wait_for_signal() {

@@ -1,6 +1,7 @@
-//! The listener: accepts connections and gives each its own thread, which runs the login
-//! and then the full feature phase. Shutdown stops accepting, lets every connection finish
-//! the commands it started, and waits.
+//! The target's server: accepts connections within the listener's caps (strata-net) and
+//! gives each its own thread, which runs the login and then the full feature phase.
+//! Shutdown stops accepting, lets every connection finish the commands it started, and
+//! waits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,10 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use strata_net::listener::{Listener, stopped};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
 
 use crate::Targets;
 use crate::connection::{self, Keepalive, Shared};
@@ -20,15 +20,12 @@ use crate::session::Sessions;
 
 /// How long an initiator may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most connections served at once (each has a thread); more are refused at accept.
-const MAX_CONNECTIONS: usize = 1024;
 
 /// An iSCSI target server over a set of targets.
 pub struct IscsiServer {
     targets: Arc<dyn Targets>,
     sessions: Arc<Sessions>,
     connections: AtomicUsize,
-    tracker: TaskTracker,
     keepalive: Keepalive,
 }
 
@@ -45,7 +42,6 @@ impl IscsiServer {
             targets,
             sessions: Arc::default(),
             connections: AtomicUsize::new(0),
-            tracker: TaskTracker::new(),
             keepalive: Keepalive { interval, timeout },
         })
     }
@@ -60,63 +56,21 @@ impl IscsiServer {
         self.sessions.count()
     }
 
-    /// Accepts initiators on `listener` until `shutdown` turns true, then waits until
-    /// every connection has finished the commands it started and closed.
-    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
-        let mut stop = shutdown.clone();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) if self.connections() >= MAX_CONNECTIONS => {
-                        tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many iSCSI connections; refusing one");
-                        drop(stream);
-                    }
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        if let Err(e) = self.clone().start_thread(stream, peer, shutdown.clone()) {
-                            tracing::warn!(%peer, error = %e, "cannot start a thread for an iSCSI connection");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "iSCSI accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                () = stopped(&mut stop) => break,
-            }
-        }
-        drop(listener);
-        self.tracker.close();
-        self.tracker.wait().await;
-    }
-
-    /// Serves a connection on a thread of its own with a single-threaded runtime, so a
-    /// command never waits for a wake-up on another CPU.
-    fn start_thread(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        shutdown: watch::Receiver<bool>,
-    ) -> std::io::Result<()> {
-        let stream = stream.into_std()?;
-        let token = self.tracker.token();
-        std::thread::Builder::new().name(format!("iscsi {peer}")).spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-            match runtime {
-                Ok(runtime) => runtime.block_on(async {
-                    match TcpStream::from_std(stream) {
-                        Ok(stream) => {
-                            let portal = stream.local_addr().map(portal).unwrap_or_default();
-                            self.connection(stream, peer, portal, shutdown).await
-                        }
-                        Err(e) => tracing::warn!(%peer, error = %e, "cannot adopt an iSCSI connection"),
-                    }
-                }),
-                Err(e) => tracing::warn!(%peer, error = %e, "cannot start a runtime for an iSCSI connection"),
-            }
-            drop(token);
-        })?;
-        Ok(())
+    /// Accepts initiators on `listener`, within its caps, until `shutdown` turns true,
+    /// then waits until every connection has finished the commands it started and closed.
+    /// Each connection has a thread of its own (see [`Listener::serve_on_threads`]).
+    pub async fn run(self: Arc<Self>, listener: Listener, shutdown: watch::Receiver<bool>) {
+        let stop = shutdown.clone();
+        listener
+            .serve_on_threads(stop, move |stream, peer| {
+                let server = self.clone();
+                let shutdown = shutdown.clone();
+                async move {
+                    let portal = stream.local_addr().map(portal).unwrap_or_default();
+                    server.connection(stream, peer, portal, shutdown).await
+                }
+            })
+            .await;
     }
 
     /// Serves one connection from login to close (any byte stream: the listener's TCP
@@ -156,11 +110,6 @@ impl IscsiServer {
         }
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Returns once `shutdown` turns true (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
 }
 
 /// `address:port` as SendTargets writes it (IPv6 in brackets).

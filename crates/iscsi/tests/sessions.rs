@@ -55,6 +55,7 @@ async fn server(interval: Duration, timeout: Duration) -> (String, tokio::sync::
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let listener = strata_net::listener::Listener::new(listener, "iSCSI", Default::default());
     tokio::spawn(server.run(listener, stopped));
     (addr, stop)
 }

@@ -60,7 +60,8 @@ struct ServeArgs {
     /// iSCSI portal: the address initiators log in to [default: 127.0.0.1:3260]
     #[arg(long, value_name = "ADDR")]
     iscsi: Option<std::net::SocketAddr>,
-    /// TOML file with data_dir, api, nbd, iscsi, pool_name, direct_io, demo; flags override it
+    /// TOML file with data_dir, api, nbd, iscsi, pool_name, direct_io, demo and a
+    /// [connections] table (total, per_address, api_idle_timeout_ms); flags override it
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Make (or reuse) four file devices in DIR [default: ./strata-demo], a volume `demo`
@@ -288,6 +289,7 @@ fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, String> {
         pool_name: args.pool_name.clone(),
         direct_io: args.direct_io.then_some(true),
         demo: args.demo.is_some().then_some(true),
+        connections: None,
     };
     Ok(file.overridden_by(flags))
 }

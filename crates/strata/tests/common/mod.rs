@@ -28,19 +28,26 @@ impl Server {
 
     /// Starts a controller with extra `serve` arguments.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
+        Self::start_adjusted(dir, extra, |_| {})
+    }
+
+    /// Starts a controller with extra `serve` arguments, its command changed by `adjust`
+    /// first (limits, environment).
+    pub fn start_adjusted(dir: &Path, extra: &[&str], adjust: impl FnOnce(&mut Command)) -> Server {
         let endpoints = dir.join("endpoints.json");
         let _ = std::fs::remove_file(&endpoints);
         let log = std::fs::File::create(dir.with_extension("log")).expect("log file");
-        let child = Command::new(STRATA)
+        let mut command = Command::new(STRATA);
+        command
             .args(["serve", "--data-dir"])
             .arg(dir)
             .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("strata starts");
+            .stderr(log);
+        adjust(&mut command);
+        let child = command.spawn().expect("strata starts");
         let mut server = Server {
             dir: dir.to_path_buf(),
             child,
