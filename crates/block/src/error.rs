@@ -73,6 +73,20 @@ pub enum IoError {
         #[source]
         source: io::Error,
     },
+    /// The device has no space left for the request: the file system under a sparse device
+    /// file is full, or a thin device is out of space. Not a device failure: nothing is
+    /// taken out of service, and the request can succeed once space is freed.
+    #[error("No space left for {op} of {len} bytes at offset {offset} on {device}")]
+    NoSpace {
+        /// The operation.
+        op: IoOp,
+        /// The device (path or name).
+        device: String,
+        /// Byte offset requested.
+        offset: u64,
+        /// Byte length requested.
+        len: u64,
+    },
     /// A fault injector failed the request on purpose.
     #[error("Injected {op} error at offset {offset}")]
     Injected {
@@ -109,5 +123,11 @@ impl IoError {
     /// and they must not mark a device as failed.
     pub fn is_request_error(&self) -> bool {
         matches!(self, IoError::Misaligned { .. } | IoError::OutOfRange { .. })
+    }
+
+    /// True when the device ran out of space ([`IoError::NoSpace`]): the request failed,
+    /// the device did not, and a mirror or parity node keeps it in service.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, IoError::NoSpace { .. })
     }
 }

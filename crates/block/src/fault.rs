@@ -60,6 +60,9 @@ pub enum FaultAction {
     TornWrite,
     /// The device vanishes: this and every later request fails with [`IoError::Gone`].
     Disappear,
+    /// The request fails with [`IoError::NoSpace`] and does nothing, as on a full file
+    /// system; the device stays usable.
+    NoSpace,
 }
 
 /// One fault rule; a request must match every condition for the action to fire.
@@ -176,6 +179,9 @@ impl FaultyDevice {
                 FaultAction::Disappear => {
                     self.disappear();
                     Decision::Fail(IoError::Gone { device: self.name.clone() })
+                }
+                FaultAction::NoSpace => {
+                    Decision::Fail(IoError::NoSpace { op, device: self.name.clone(), offset, len })
                 }
             };
         }

@@ -139,8 +139,14 @@ impl FileDevice {
         &self.path
     }
 
+    /// The error for what the OS said: a full file system or quota (`ENOSPC`, `EDQUOT`) is
+    /// [`IoError::NoSpace`], anything else a device error.
     fn os_error(&self, op: IoOp, offset: u64, len: u64, source: io::Error) -> IoError {
-        IoError::Os { op, device: self.path.display().to_string(), offset, len, source }
+        let device = self.path.display().to_string();
+        match source.raw_os_error().map(Errno::from_raw_os_error) {
+            Some(Errno::NOSPC | Errno::DQUOT) => IoError::NoSpace { op, device, offset, len },
+            _ => IoError::Os { op, device, offset, len, source },
+        }
     }
 
     /// Runs `f` on the blocking pool under the in-flight bound, or right here when the file
@@ -441,6 +447,19 @@ mod tests {
         assert!(back[12288..].iter().all(|&b| b == 0));
         assert!(dev.read(1 << 20, 4096).await.unwrap_err().is_request_error());
         assert!(dev.read(100, 4096).await.unwrap_err().is_request_error());
+    }
+
+    #[test]
+    fn a_full_file_system_is_no_space_not_a_device_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::create(dir.path().join("d"), 1 << 20, &FileOptions::default()).unwrap();
+        for errno in [Errno::NOSPC, Errno::DQUOT] {
+            let e = dev.os_error(IoOp::Write, 4096, 8192, io::Error::from_raw_os_error(errno.raw_os_error()));
+            assert!(e.is_no_space(), "{e}");
+            assert!(!e.is_request_error());
+        }
+        let e = dev.os_error(IoOp::Write, 0, 4096, io::Error::from_raw_os_error(Errno::IO.raw_os_error()));
+        assert!(matches!(e, IoError::Os { .. }), "{e}");
     }
 
     #[tokio::test]

@@ -258,6 +258,8 @@ fn io_errno(e: &IoError) -> u32 {
         IoError::Misaligned { .. } => errno::EINVAL,
         IoError::OutOfRange { .. } => errno::EINVAL,
         IoError::Closed => errno::ESHUTDOWN,
+        // Not a failure: the host may pause and retry (qemu's werror=enospc).
+        IoError::NoSpace { .. } => errno::ENOSPC,
         _ => errno::EIO,
     }
 }

@@ -46,6 +46,7 @@ pub(crate) fn io_sense(error: &IoError, op: IoOp) -> Sense {
         IoError::OutOfRange { .. } => Sense::lba_out_of_range(),
         IoError::Misaligned { .. } => Sense::internal_failure(),
         IoError::Closed => Sense::new(key::NOT_READY, 0x04, 0x00),
+        IoError::NoSpace { .. } => Sense::space_allocation_failed(),
         _ if op == IoOp::Read => Sense::new(key::MEDIUM_ERROR, 0x11, 0x00),
         _ => Sense::new(key::MEDIUM_ERROR, 0x0C, 0x00),
     }

@@ -123,6 +123,14 @@ impl Sense {
         Sense::new(key::DATA_PROTECT, 0x27, 0x02)
     }
 
+    /// DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT: the device under the LU has no
+    /// space left (SBC-3 thin provisioning). Hosts treat it as out of space, not as a medium
+    /// error: qemu reports ENOSPC to the guest or pauses it (`werror=enospc`), Linux fails the
+    /// request with `BLK_STS_NOSPC`.
+    pub(crate) fn space_allocation_failed() -> Self {
+        Sense::new(key::DATA_PROTECT, 0x27, 0x07)
+    }
+
     /// MISCOMPARE, MISCOMPARE DURING VERIFY OPERATION, at byte `offset` of the data-out.
     pub(crate) fn miscompare(offset: u64) -> Self {
         Sense::new(key::MISCOMPARE, 0x1D, 0x00).with_info(offset)

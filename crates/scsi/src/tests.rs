@@ -874,3 +874,30 @@ proptest! {
         prop_assert_eq!(o.sense.is_some(), o.status == Status::CheckCondition);
     }
 }
+
+#[tokio::test]
+async fn a_device_out_of_space_is_space_allocation_failed_not_a_medium_error() {
+    use strata_block::{FaultAction, FaultPlan, FaultRule, FaultyDevice, OpFilter};
+    let mem = MemDevice::new("full", 64 * 512, 512);
+    let device = FaultyDevice::new("full", mem, FaultPlan::default());
+    let store = Arc::new(FakeStore::default());
+    let lu = LogicalUnit::new(device.clone(), identity(6), None, store, Arc::new(Directory::new())).unwrap();
+    let n = nexus(1);
+    good(&run(&lu, &n, &cdb16(op::WRITE_16, 0, 2), &[5; 2 * 512]).await);
+    let full = |ops| FaultPlan { seed: 0, rules: vec![FaultRule::always(ops, FaultAction::NoSpace)] };
+    device.set_plan(full(OpFilter::Writes));
+    // DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3 thin provisioning).
+    assert_eq!(sense(&run(&lu, &n, &cdb16(op::WRITE_16, 2, 1), &[6; 512]).await), (0x07, 0x27, 0x07));
+    let mut write_same = cdb16(op::WRITE_SAME_16, 4, 4);
+    write_same[1] = 0x08; // UNMAP
+    assert_eq!(sense(&run(&lu, &n, &write_same, &[0; 512]).await), (0x07, 0x27, 0x07));
+    device.set_plan(full(OpFilter::Flushes));
+    assert_eq!(
+        sense(&run(&lu, &n, &[op::SYNC_CACHE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).await),
+        (0x07, 0x27, 0x07)
+    );
+    // Reads go on, and writes succeed again once there is space.
+    assert_eq!(&good(&run(&lu, &n, &cdb16(op::READ_16, 0, 2), &[]).await)[..], &[5; 2 * 512][..]);
+    device.set_plan(FaultPlan::default());
+    good(&run(&lu, &n, &cdb16(op::WRITE_16, 2, 1), &[6; 512]).await);
+}

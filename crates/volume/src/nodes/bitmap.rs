@@ -18,7 +18,10 @@
 //!
 //! Clearing lingers one flush so a hot region is not set and cleared on every flush.
 //! While a member is failed no bit is cleared, and the failed members are recorded in the
-//! bitmap: when a member comes back, the set bits are exactly what it missed.
+//! bitmap: when a member comes back, the set bits are exactly what it missed. A region
+//! whose members disagree because one ran out of space is *pinned*: its bit is not
+//! cleared until the node has made them agree, so a crash meanwhile resyncs it.
+//! A copy that has no space for an update stays in use (the next update may find space).
 //!
 //! Encoded copy (little-endian), padded to a multiple of 4 KiB (whatever the devices' block
 //! sizes, so the length does not change when a device is missing):
@@ -75,6 +78,8 @@ struct State {
     last_end: Vec<u64>,
     /// Members known to have failed: no bit is cleared while there is one.
     failed_mask: u64,
+    /// Regions whose members disagree after a no-space error: their bits stay set.
+    pinned: Vec<u64>,
     /// The part of `failed_mask` that is on stable storage.
     recorded_mask: u64,
     /// Mark of the newest flush whose members have been flushed.
@@ -133,6 +138,7 @@ impl Bitmap {
                 last_end: vec![0; regions],
                 failed_mask: 0,
                 recorded_mask: 0,
+                pinned: vec![0; regions.div_ceil(64)],
                 previous_flush: 0,
             }),
             io: tokio::sync::Mutex::new(IoState { generation: 0, copy_ok }),
@@ -243,23 +249,30 @@ impl Bitmap {
     async fn persist(&self, io: &mut IoState, bits: &[u64], failed_mask: u64) -> Result<(), IoError> {
         io.generation = io.generation.wrapping_add(1);
         let encoded = self.encode(io.generation, bits, failed_mask);
-        let writes = self.copies.iter().zip(&io.copy_ok).map(|(copy, ok)| {
-            let encoded = encoded.clone();
-            async move { if *ok { copy.write(0, encoded, Durability::Fua).await.is_ok() } else { false } }
-        });
+        let writes =
+            self.copies.iter().zip(&io.copy_ok).map(|(copy, ok)| {
+                let encoded = encoded.clone();
+                async move {
+                    if *ok { copy.write(0, encoded, Durability::Fua).await } else { Err(IoError::Closed) }
+                }
+            });
         let results = futures::future::join_all(writes).await;
-        for (ok, written) in io.copy_ok.iter_mut().zip(&results) {
-            *ok &= *written;
+        let copies = results.len();
+        let (mut written, mut no_space) = (false, None);
+        for (ok, result) in io.copy_ok.iter_mut().zip(results) {
+            match result {
+                Ok(()) => written = true,
+                // Full, not broken: the copy is tried again next time.
+                Err(e) if e.is_no_space() => no_space = Some(e),
+                Err(_) => *ok = false,
+            }
         }
-        if results.iter().any(|w| *w) {
-            Ok(())
-        } else {
-            Err(IoError::TooManyFailures {
-                op: IoOp::Write,
-                offset: 0,
-                failed: results.len(),
-                children: results.len(),
-            })
+        match no_space {
+            _ if written => Ok(()),
+            Some(e) => Err(e),
+            None => {
+                Err(IoError::TooManyFailures { op: IoOp::Write, offset: 0, failed: copies, children: copies })
+            }
         }
     }
 
@@ -315,7 +328,11 @@ impl Bitmap {
             }
             let mut bits = state.durable.clone();
             for r in 0..self.regions {
-                if bit(&bits, r) && state.inflight[r] == 0 && state.last_end[r] < bound {
+                if bit(&bits, r)
+                    && !bit(&state.pinned, r)
+                    && state.inflight[r] == 0
+                    && state.last_end[r] < bound
+                {
                     set(&mut bits, r, false);
                 }
             }
@@ -357,11 +374,25 @@ impl Bitmap {
             state.failed_mask = failed_mask;
             state.recorded_mask = failed_mask;
             if failed_mask == 0 {
-                state.durable.iter_mut().for_each(|w| *w = 0);
+                // Pinned regions still disagree (see `pin`): they stay set.
+                state.durable = state.pinned.clone();
             }
             state.durable.clone()
         };
         self.persist(&mut io, &bits, failed_mask).await
+    }
+
+    /// Pins or unpins the regions of `[offset, offset + len)`: while pinned, a region's bit
+    /// is not cleared, because its members disagree after a no-space error. `pinned(start,
+    /// end)` says whether a region (as a byte range) is to be pinned. Pin a region only
+    /// while its bit is durable (a write to it in flight, or resync at open).
+    pub(crate) fn pin(&self, offset: u64, len: u64, pinned: impl Fn(u64, u64) -> bool) {
+        let (first, last) = self.region_span(offset, len);
+        let mut state = self.state.lock();
+        for r in first..=last {
+            let start = r as u64 * self.region_size;
+            set(&mut state.pinned, r, pinned(start, start + self.region_size));
+        }
     }
 
     /// Number of set bits (for health reports and tests).

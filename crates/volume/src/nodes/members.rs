@@ -76,10 +76,11 @@ impl Members {
         (0..self.len()).filter(|&i| self.is_failed(i)).fold(0, |mask, i| mask | 1 << i)
     }
 
-    /// After a device error on member `i`: passes a request error through, otherwise fails
-    /// the member, and errs once more members have failed than the node covers.
+    /// After a device error on member `i`: passes a request error or a lack of space
+    /// through (neither is the device's fault), otherwise fails the member, and errs once
+    /// more members have failed than the node covers.
     pub(crate) async fn absorb(&self, i: usize, error: IoError) -> Result<(), IoError> {
-        if error.is_request_error() {
+        if error.is_request_error() || error.is_no_space() {
             return Err(error);
         }
         self.fail(i, &error).await?;

@@ -2,10 +2,13 @@
 
 pub(crate) mod bitmap;
 pub(crate) mod concat;
+pub(crate) mod divergence;
 pub(crate) mod extent;
 pub(crate) mod gf;
 pub(crate) mod members;
 pub(crate) mod mirror;
+#[cfg(test)]
+mod no_space_tests;
 pub(crate) mod parity;
 pub(crate) mod range_lock;
 pub(crate) mod split;

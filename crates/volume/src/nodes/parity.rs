@@ -13,6 +13,14 @@
 //! written without reading. A member that fails is read around: its chunks are rebuilt
 //! from the rest of the row. The write-intent bitmap makes a crash cost a resync of the
 //! dirty rows only, which closes the RAID 5 write hole.
+//!
+//! A member whose device has no space left is not failed: the write fails with no space,
+//! and since some members of the row may have taken it and others not, the row's parity no
+//! longer matches its data. The row is recorded as stale (its write-intent regions stay
+//! set) and its parity is computed afresh from its data at the next flush that finds
+//! space, or at open after a crash. Reads of data go to the data's own member and are not
+//! affected; only a rebuild of a failed member's chunk from a stale row would be wrong, as
+//! with the write hole.
 
 use std::sync::Arc;
 
@@ -23,6 +31,7 @@ use strata_block::{BlockIo, Durability, Geometry, IoError, IoOp};
 use tokio::sync::Mutex;
 
 use super::bitmap::Bitmap;
+use super::divergence::RangeSet;
 use super::members::Members;
 use super::{Piece, gf, pieces, read_parts, to_usize};
 use crate::spec::ParityLevel;
@@ -36,6 +45,8 @@ pub(crate) struct Parity {
     data_width: usize,
     chunk: u64,
     row_locks: Vec<Mutex<()>>,
+    /// Rows whose parity may not match their data after a no-space error.
+    stale_rows: parking_lot::Mutex<RangeSet>,
     geometry: Geometry,
 }
 
@@ -70,6 +81,7 @@ impl Parity {
             data_width,
             chunk,
             row_locks: (0..ROW_LOCKS).map(|_| Mutex::new(())).collect(),
+            stale_rows: parking_lot::Mutex::new(RangeSet::default()),
             geometry: Geometry { block_size, size_bytes },
         }
     }
@@ -289,12 +301,57 @@ impl Parity {
                 .map(|(m, at, data)| self.members.get(*m).write(base + at, data.clone(), durability)),
         )
         .await;
+        let mut no_space = None;
         for ((m, _, _), result) in writes.iter().zip(results) {
-            if let Err(e) = result {
-                self.members.absorb(*m, e).await?;
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_no_space() => no_space = Some(e),
+                Err(e) => self.members.absorb(*m, e).await?,
             }
         }
-        Ok(())
+        match no_space {
+            Some(e) => {
+                self.mark_stale(row..row + 1);
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Records that the parity of `rows` may not match their data (a member ran out of
+    /// space mid-row), and pins their write-intent regions until it is recomputed.
+    fn mark_stale(&self, rows: std::ops::Range<u64>) {
+        self.stale_rows.lock().insert(rows.clone());
+        self.repin(rows);
+    }
+
+    /// Pins the bitmap regions of `rows` that hold stale rows, unpins the others.
+    fn repin(&self, rows: std::ops::Range<u64>) {
+        let row_bytes = self.chunk * self.data_width as u64;
+        let (offset, len) = (rows.start * row_bytes, (rows.end - rows.start) * row_bytes);
+        let len = len.min(self.geometry.size_bytes.saturating_sub(offset));
+        self.members.bitmap.pin(offset, len, |start, end| {
+            self.stale_rows.lock().overlaps(&(start / row_bytes..end.div_ceil(row_bytes)))
+        });
+    }
+
+    /// Computes afresh the parity of every stale row (at a flush, once space may have been
+    /// freed). A row still out of space stays stale.
+    async fn repair_stale_rows(&self) {
+        let stale: Vec<std::ops::Range<u64>> = self.stale_rows.lock().ranges().collect();
+        for rows in stale {
+            for row in rows.clone() {
+                match self.resync_row(row, &[]).await {
+                    Ok(()) => self.stale_rows.lock().remove(row..row + 1),
+                    Err(e) => {
+                        tracing::debug!(row, error = %e, "parity of a stale row not recomputed yet");
+                        self.repin(rows);
+                        return;
+                    }
+                }
+            }
+            self.repin(rows);
+        }
     }
 
     /// Splits a request into rows: `(row, parts)`.
@@ -346,10 +403,17 @@ impl Parity {
                 _ => self.members.get(m).write_zeroes(base, n),
             }))
             .await;
+            let mut no_space = None;
             for (&m, result) in live.iter().zip(results) {
-                if let Err(e) = result {
-                    self.members.absorb(m, e).await?;
+                match result {
+                    Ok(()) => {}
+                    Err(e) if e.is_no_space() => no_space = Some(e),
+                    Err(e) => self.members.absorb(m, e).await?,
                 }
+            }
+            if let Some(e) = no_space {
+                self.mark_stale(first_full..end_full);
+                return Err(e);
             }
         }
         Ok(())
@@ -431,6 +495,9 @@ impl BlockIo for Parity {
     }
 
     async fn flush(&self) -> Result<(), IoError> {
+        if !self.stale_rows.lock().is_empty() {
+            self.repair_stale_rows().await;
+        }
         let mark = self.members.bitmap.flush_mark();
         let live = self.members.live();
         let results = join_all(live.iter().map(|&m| self.members.get(m).flush())).await;
@@ -487,7 +554,14 @@ impl Redundant for Parity {
             let start = *r as u64 * region;
             let end = (start + region).min(self.geometry.size_bytes);
             for row in (start / row_bytes).max(next_row)..end.div_ceil(row_bytes) {
-                self.resync_row(row, &stale).await?;
+                match self.resync_row(row, &stale).await {
+                    // Parity only: the row stays stale (marked by the write) until a flush
+                    // finds space. A member being rebuilt has no such fallback.
+                    Err(e) if e.is_no_space() && stale.is_empty() => {
+                        tracing::warn!(row, error = %e, "resync found no space; parity is recomputed once space is freed");
+                    }
+                    result => result?,
+                }
                 next_row = row + 1;
             }
         }

@@ -1,0 +1,142 @@
+//! Mirror and parity nodes over devices that run out of space: no member is failed, the
+//! request fails with no space, reads stay consistent, and the copies (or parity) agree
+//! again once space is back.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use strata_block::{
+    BlockIo, Durability, FaultAction, FaultPlan, FaultRule, FaultyDevice, MemDevice, OpFilter,
+};
+
+use super::mirror::Mirror;
+use super::parity::Parity;
+use crate::spec::ParityLevel;
+use crate::tree::Redundant;
+
+const SIZE: u64 = 1 << 20;
+const REGION: u64 = 64 << 10;
+
+fn faulty(name: &str) -> Arc<FaultyDevice> {
+    FaultyDevice::new(name, MemDevice::new(name, SIZE, 4096), FaultPlan::default())
+}
+
+fn no_space() -> FaultPlan {
+    FaultPlan { seed: 0, rules: vec![FaultRule::always(OpFilter::Writes, FaultAction::NoSpace)] }
+}
+
+fn bitmap_copies(n: usize) -> Vec<Arc<dyn BlockIo>> {
+    (0..n).map(|i| MemDevice::new(format!("b{i}"), 64 << 10, 4096) as Arc<dyn BlockIo>).collect()
+}
+
+fn fill(byte: u8, len: usize) -> Bytes {
+    Bytes::from(vec![byte; len])
+}
+
+#[tokio::test]
+async fn a_mirror_leg_out_of_space_lags_and_catches_up() {
+    let legs = [faulty("l0"), faulty("l1")];
+    let mirror =
+        Mirror::new(legs.iter().map(|l| l.clone() as Arc<dyn BlockIo>).collect(), REGION, bitmap_copies(2));
+    mirror.initialize().await.unwrap();
+    mirror.write(0, fill(0xaa, 64 << 10), Durability::Cached).await.unwrap();
+    mirror.flush().await.unwrap();
+
+    // Leg 0 (the one reads of this address prefer) is full: leg 1 takes the write alone.
+    legs[0].set_plan(no_space());
+    let err = mirror.write(8192, fill(0xbb, 8192), Durability::Cached).await.unwrap_err();
+    assert!(err.is_no_space(), "{err}");
+    assert!(mirror.health().failed.is_empty(), "no leg is failed: {:?}", mirror.health());
+    // Every read answers from the leg that has the data, whatever its size.
+    for (offset, len) in [(0, 64 << 10), (8192, 4096), (12288, 8192), (4096, 8192)] {
+        let want = legs[1].read(offset, len).await.unwrap();
+        assert_eq!(mirror.read(offset, len).await.unwrap(), want, "read {offset}+{len}");
+    }
+    assert_ne!(legs[0].read(8192, 8192).await.unwrap(), legs[1].read(8192, 8192).await.unwrap());
+    // Still full: flushes succeed, the region stays marked.
+    for _ in 0..3 {
+        mirror.flush().await.unwrap();
+    }
+    assert_eq!(mirror.health().dirty_regions, 1);
+
+    // Space is back: a flush copies the lagging range over, and later ones clear the bit.
+    legs[0].set_plan(FaultPlan::default());
+    for _ in 0..3 {
+        mirror.flush().await.unwrap();
+    }
+    assert_eq!(legs[0].read(0, SIZE).await.unwrap(), legs[1].read(0, SIZE).await.unwrap());
+    assert_eq!(mirror.health().dirty_regions, 0);
+    mirror.write(8192, fill(0xcc, 4096), Durability::Cached).await.unwrap();
+    assert_eq!(mirror.read(8192, 4096).await.unwrap(), fill(0xcc, 4096));
+}
+
+#[tokio::test]
+async fn a_retried_write_makes_the_mirror_legs_agree() {
+    let legs = [faulty("l0"), faulty("l1"), faulty("l2")];
+    let mirror =
+        Mirror::new(legs.iter().map(|l| l.clone() as Arc<dyn BlockIo>).collect(), REGION, bitmap_copies(3));
+    mirror.initialize().await.unwrap();
+    legs[2].set_plan(no_space());
+    assert!(mirror.write(0, fill(1, 16384), Durability::Cached).await.unwrap_err().is_no_space());
+    legs[2].set_plan(FaultPlan::default());
+    legs[1].set_plan(no_space());
+    // A write that leg 1 misses over a range leg 2 lags in: no leg has all of [0, 32K).
+    assert!(mirror.write(8192, fill(2, 16384), Durability::Cached).await.unwrap_err().is_no_space());
+    let seen = mirror.read(0, 32768).await.unwrap();
+    assert_eq!(&seen[..8192], &fill(1, 8192)[..]);
+    assert_eq!(&seen[8192..24576], &fill(2, 16384)[..]);
+    legs[1].set_plan(FaultPlan::default());
+    mirror.write(0, fill(3, 32768), Durability::Cached).await.unwrap();
+    for leg in &legs {
+        assert_eq!(leg.read(0, 32768).await.unwrap(), fill(3, 32768));
+    }
+    assert!(mirror.health().failed.is_empty());
+}
+
+/// XOR of every member over the whole device: zero when every RAID 5 row is consistent.
+async fn parity_residue(members: &[Arc<FaultyDevice>]) -> bool {
+    let mut acc = vec![0u8; usize::try_from(SIZE).unwrap()];
+    for m in members {
+        let data = m.read(0, SIZE).await.unwrap();
+        acc.iter_mut().zip(data.iter()).for_each(|(a, b)| *a ^= b);
+    }
+    acc.iter().any(|&b| b != 0)
+}
+
+#[tokio::test]
+async fn a_parity_member_out_of_space_leaves_a_stale_row_repaired_at_flush() {
+    let members = [faulty("m0"), faulty("m1"), faulty("m2")];
+    let node = Parity::new(
+        ParityLevel::Single,
+        4096,
+        members.iter().map(|m| m.clone() as Arc<dyn BlockIo>).collect(),
+        REGION,
+        bitmap_copies(3),
+    );
+    node.initialize().await.unwrap();
+    node.write(0, fill(0x11, 64 << 10), Durability::Cached).await.unwrap();
+    node.flush().await.unwrap();
+    assert!(!parity_residue(&members).await);
+
+    // Row 0 is [0, 8K): data on members 0 and 1, parity on member 2. Parity has no space.
+    members[2].set_plan(no_space());
+    let err = node.write(0, fill(0x22, 4096), Durability::Cached).await.unwrap_err();
+    assert!(err.is_no_space(), "{err}");
+    assert!(node.health().failed.is_empty());
+    assert!(parity_residue(&members).await, "the row's parity is stale");
+    assert_eq!(node.read(0, 4096).await.unwrap(), fill(0x22, 4096), "data reads from its member");
+    node.flush().await.unwrap();
+    node.flush().await.unwrap();
+    assert_eq!(node.health().dirty_regions, 1, "a stale row keeps its region marked");
+
+    members[2].set_plan(FaultPlan::default());
+    for _ in 0..3 {
+        node.flush().await.unwrap();
+    }
+    assert!(!parity_residue(&members).await, "parity is recomputed once space is back");
+    assert_eq!(node.health().dirty_regions, 0);
+    // A rebuild from parity is right again: member 0's chunk from the others.
+    members[0]
+        .set_plan(FaultPlan { seed: 0, rules: vec![FaultRule::always(OpFilter::Reads, FaultAction::Error)] });
+    assert_eq!(node.read(0, 8192).await.unwrap(), [fill(0x22, 4096), fill(0x11, 4096)].concat());
+}
