@@ -120,6 +120,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn connection_limits_have_defaults_and_refuse_zero() {
+        let none = ConnectionLimits::default();
+        assert_eq!(none.caps().unwrap(), Caps { total: 1024, per_address: 64 });
+        assert_eq!(none.api_idle_timeout().unwrap(), DEFAULT_API_IDLE_TIMEOUT);
+        let set: ServeConfig =
+            toml::from_str("[connections]\nper_address = 8\napi_idle_timeout_ms = 500\n").unwrap();
+        let limits = set.connections.unwrap();
+        assert_eq!(limits.caps().unwrap(), Caps { total: 1024, per_address: 8 });
+        assert_eq!(limits.api_idle_timeout().unwrap(), Duration::from_millis(500));
+        let zero: ServeConfig = toml::from_str("[connections]\ntotal = 0\n").unwrap();
+        assert!(zero.connections.unwrap().caps().unwrap_err().contains("at least 1"));
+        assert!(toml::from_str::<ServeConfig>("[connections]\nper_adress = 8\n").is_err());
+    }
+
+    #[test]
     fn errors_name_the_line_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("strata.toml");
