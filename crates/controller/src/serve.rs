@@ -11,6 +11,7 @@ use std::time::Instant;
 use strata_block::FileOptions;
 use strata_iscsi::IscsiServer;
 use strata_nbd::NbdServer;
+use strata_net::budget::{Budget, CONTROLLER_BUDGET};
 use strata_net::listener::Listener;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -75,9 +76,11 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", endpoints_path.display()))?;
 
     let (stop, stopped) = watch::channel(false);
-    let nbd = NbdServer::new(controller.clone());
+    // One byte budget for every connection of both frontends (strata_net::budget).
+    let budget = Budget::new(CONTROLLER_BUDGET);
+    let nbd = NbdServer::with_budget(controller.clone(), budget.clone());
     let nbd_task = tokio::spawn(nbd.clone().run(Listener::new(nbd_listener, "NBD", caps), stopped.clone()));
-    let iscsi = IscsiServer::new(controller.clone());
+    let iscsi = IscsiServer::with_budget(controller.clone(), budget);
     let iscsi_task =
         tokio::spawn(iscsi.clone().run(Listener::new(iscsi_listener, "iSCSI", caps), stopped.clone()));
     let state = Arc::new(ApiState {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use strata_net::budget::{Account, Budget, CONTROLLER_BUDGET};
 use strata_net::listener::{Listener, stopped};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -27,6 +28,8 @@ pub struct IscsiServer {
     sessions: Arc<Sessions>,
     connections: AtomicUsize,
     keepalive: Keepalive,
+    /// The controller's byte budget every connection draws on.
+    budget: Arc<Budget>,
 }
 
 impl IscsiServer {
@@ -38,12 +41,18 @@ impl IscsiServer {
     /// A server that pings an initiator idle for `interval` and drops it when a ping goes
     /// unanswered for `timeout`.
     pub fn with_keepalive(targets: Arc<dyn Targets>, interval: Duration, timeout: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            targets,
-            sessions: Arc::default(),
-            connections: AtomicUsize::new(0),
-            keepalive: Keepalive { interval, timeout },
-        })
+        Self::build(targets, Keepalive { interval, timeout }, Budget::new(CONTROLLER_BUDGET))
+    }
+
+    /// A server whose connections draw on `budget` (the controller's, shared with its
+    /// other frontends), pinging idle initiators every 30 seconds.
+    pub fn with_budget(targets: Arc<dyn Targets>, budget: Arc<Budget>) -> Arc<Self> {
+        let keepalive = Keepalive { interval: Duration::from_secs(30), timeout: Duration::from_secs(30) };
+        Self::build(targets, keepalive, budget)
+    }
+
+    fn build(targets: Arc<dyn Targets>, keepalive: Keepalive, budget: Arc<Budget>) -> Arc<Self> {
+        Arc::new(Self { targets, sessions: Arc::default(), connections: AtomicUsize::new(0), keepalive, budget })
     }
 
     /// Connections open now (logging in or in the full feature phase).
@@ -100,7 +109,8 @@ impl IscsiServer {
                     keepalive: self.keepalive,
                     peer,
                 };
-                connection::serve(stream, input, login, &shared, shutdown).await;
+                let account = Account::connection(&self.budget);
+                connection::serve(stream, input, login, &shared, shutdown, account).await;
             }
             Ok(Err(LoginError::Refused { class, detail, why })) => {
                 tracing::warn!(%peer, class, detail, %why, "iSCSI login refused")

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use strata_net::budget::{Account, Budget, CONTROLLER_BUDGET};
 use strata_net::listener::{Listener, stopped};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -21,13 +22,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// An NBD server over a set of exports.
 pub struct NbdServer {
     exports: Arc<dyn Exports>,
+    /// The controller's byte budget every connection draws on.
+    budget: Arc<Budget>,
     connections: AtomicUsize,
 }
 
 impl NbdServer {
-    /// A server answering from `exports`.
+    /// A server answering from `exports`, with a byte budget of its own.
     pub fn new(exports: Arc<dyn Exports>) -> Arc<Self> {
-        Arc::new(Self { exports, connections: AtomicUsize::new(0) })
+        Self::with_budget(exports, Budget::new(CONTROLLER_BUDGET))
+    }
+
+    /// A server answering from `exports` whose connections draw on `budget` (the
+    /// controller's, shared with its other frontends).
+    pub fn with_budget(exports: Arc<dyn Exports>, budget: Arc<Budget>) -> Arc<Self> {
+        Arc::new(Self { exports, budget, connections: AtomicUsize::new(0) })
     }
 
     /// Connections open now (negotiating or transmitting).
@@ -68,7 +77,7 @@ impl NbdServer {
         match negotiated {
             Ok(Ok(session)) => {
                 tracing::debug!(%peer, export = %session.export.name, structured = session.structured, "NBD client connected");
-                transmission::serve(stream, session, shutdown).await;
+                transmission::serve(stream, session, shutdown, Account::connection(&self.budget)).await;
                 tracing::debug!(%peer, "NBD client left");
             }
             Ok(Err(HandshakeError::Protocol(why))) => tracing::warn!(%peer, %why, "NBD negotiation refused"),

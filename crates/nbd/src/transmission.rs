@@ -8,6 +8,12 @@
 //! When the client hangs up, breaks framing, or the server shuts down, reading stops but
 //! every request already accepted is driven to completion (the block-IO contract forbids
 //! dropping a write half-way); replies are sent while the socket still takes them.
+//!
+//! Memory is bounded by a byte budget (`strata_net::budget`): each request is charged
+//! its payload or read buffer from its start until its reply is on the socket, and the
+//! connection reads no new request while the charge would not fit. A client that takes
+//! no byte of its replies for `SEND_TIMEOUT` (or `SHUTDOWN_GRACE` once the server shuts
+//! down) is treated as gone: what it asked is finished, its replies dropped.
 
 use std::future::Future;
 
@@ -15,8 +21,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use strata_block::{Durability, IoError, Span};
+use strata_net::budget::{Account, Full, SEND_TIMEOUT, SHUTDOWN_GRACE};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::Export;
 use crate::handshake::Negotiated;
@@ -24,9 +32,6 @@ use crate::proto::{self, Request, cflag, chunk, cmd, errno};
 
 /// Requests in flight per connection; beyond it the connection stops reading.
 const MAX_IN_FLIGHT: usize = 128;
-/// Bytes of reads and writes in flight per connection; beyond it the connection stops
-/// reading, so a client cannot make the server hold 128 requests of 32 MiB each.
-const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// Bytes the read buffer has free before each read from the socket.
 const READ_ROOM: usize = 256 << 10;
 /// Read replies larger than this are written straight from their buffer, not copied.
@@ -46,43 +51,72 @@ enum Outcome {
     Failed(u32, String),
 }
 
-/// Serves requests until the client leaves or `shutdown` turns true.
+/// Serves requests until the client leaves or `shutdown` turns true. Every request is
+/// charged to `account` from its start until its reply has gone out.
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     session: Negotiated,
     mut shutdown: watch::Receiver<bool>,
+    mut account: Account,
 ) {
     let mut input = BytesMut::with_capacity(READ_ROOM);
     let mut output = BytesMut::with_capacity(64 << 10);
     let mut in_flight = FuturesUnordered::new();
     let mut reading = !*shutdown.borrow();
+    let mut sender = Sender::new(shutdown.clone());
     let mut writable = true;
-    let mut load = Load::default();
+    let mut requests = 0usize;
+    // Charges of the replies in `output` (or written straight from their buffers),
+    // released once they are on the socket.
+    let mut unsent = 0u64;
+    // A request decoded but not started: its charge does not fit yet.
+    let mut waiting: Option<(Request, Full)> = None;
     let export = &session.export;
     loop {
-        while reading && load.has_room() {
-            match proto::decode_request(&mut input) {
-                Ok(Some(request)) if request.kind == cmd::DISC => reading = false,
-                Ok(Some(request)) => {
-                    load.add(&request);
-                    in_flight.push(start(export, &session, request));
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(export = %export.name, error = %e, "client broke framing; disconnecting");
-                    reading = false;
-                }
-            }
-        }
         while let Some(Some((request, outcome))) = in_flight.next().now_or_never() {
-            load.remove(&request);
+            requests -= 1;
+            let weight = weight(&request);
             if writable {
-                writable = reply(&mut stream, &mut output, &session, request, outcome).await;
+                unsent += weight;
+                writable = reply(&mut stream, &mut output, &mut sender, &session, request, outcome).await;
+            } else {
+                account.release(weight);
             }
         }
         if writable && !output.is_empty() {
-            writable = stream.write_all(&output).await.is_ok();
+            writable = sender.send(&mut stream, &output).await.is_ok();
             output.clear();
+        }
+        account.release(unsent);
+        unsent = 0;
+        while reading && requests < MAX_IN_FLIGHT {
+            let request = match waiting.take() {
+                Some((request, _)) => request,
+                None => match proto::decode_request(&mut input) {
+                    Ok(Some(request)) if request.kind == cmd::DISC => {
+                        reading = false;
+                        break;
+                    }
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(export = %export.name, error = %e, "client broke framing; disconnecting");
+                        reading = false;
+                        break;
+                    }
+                },
+            };
+            match account.try_charge(weight(&request)) {
+                Ok(()) => {
+                    requests += 1;
+                    in_flight.push(start(export, &session, request));
+                }
+                Err(full) => {
+                    // Over budget: read nothing new until replies have gone out.
+                    waiting = Some((request, full));
+                    break;
+                }
+            }
         }
         if input.capacity() - input.len() < READ_ROOM / 4 {
             // Room for a whole batch of requests per read() (the payloads split off
@@ -92,19 +126,26 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if !reading && in_flight.is_empty() {
             break;
         }
+        let room = waiting.is_none() && requests < MAX_IN_FLIGHT;
+        let shared_full = matches!(waiting, Some((_, Full::Controller)));
         tokio::select! {
             biased;
             Some((request, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                load.remove(&request);
+                requests -= 1;
+                let weight = weight(&request);
                 if writable {
-                    writable = reply(&mut stream, &mut output, &session, request, outcome).await;
+                    unsent += weight;
+                    writable = reply(&mut stream, &mut output, &mut sender, &session, request, outcome).await;
+                } else {
+                    account.release(weight);
                 }
             }
-            read = stream.read_buf(&mut input), if reading && load.has_room() => {
+            read = stream.read_buf(&mut input), if reading && room => {
                 if !matches!(read, Ok(n) if n > 0) {
                     reading = false;
                 }
             }
+            () = account.controller().changed(), if reading && shared_full => {}
             _ = shutdown.changed(), if reading => reading = false,
         }
         if !writable {
@@ -117,35 +158,71 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// What a connection has in flight.
-#[derive(Default)]
-struct Load {
-    requests: usize,
-    bytes: u64,
+/// Bytes a request holds while in flight and until its reply is sent: its payload or its
+/// read buffer.
+fn weight(request: &Request) -> u64 {
+    match request.kind {
+        cmd::READ | cmd::WRITE => u64::from(request.length),
+        _ => 0,
+    }
 }
 
-impl Load {
-    /// Bytes a request holds while in flight: its payload or its read buffer.
-    fn weight(request: &Request) -> u64 {
-        match request.kind {
-            cmd::READ | cmd::WRITE => u64::from(request.length),
-            _ => 0,
+/// Writes replies within [`SEND_TIMEOUT`] of the client last taking a byte, and within
+/// [`SHUTDOWN_GRACE`] once the server shuts down, so a client that does not read can hold
+/// neither memory nor shutdown for long.
+struct Sender {
+    shutdown: watch::Receiver<bool>,
+    /// When replies must have gone out: set once the server shuts down.
+    stop_by: Option<Instant>,
+}
+
+impl Sender {
+    fn new(shutdown: watch::Receiver<bool>) -> Self {
+        Self { shutdown, stop_by: None }
+    }
+
+    /// Writes all of `buf`; an error (a timeout among them) means the client is gone.
+    async fn send<W: AsyncWrite + Unpin>(&mut self, stream: &mut W, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            // Most writes complete at once: no timer for them.
+            let written = match stream.write(buf).now_or_never() {
+                Some(written) => written?,
+                None => self.write_within(stream, buf).await?,
+            };
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[written..];
         }
+        Ok(())
     }
 
-    fn add(&mut self, request: &Request) {
-        self.requests += 1;
-        self.bytes += Self::weight(request);
-    }
-
-    fn remove(&mut self, request: &Request) {
-        self.requests -= 1;
-        self.bytes -= Self::weight(request);
-    }
-
-    /// Whether another request may start (one always may when none is in flight).
-    fn has_room(&self) -> bool {
-        self.requests == 0 || (self.requests < MAX_IN_FLIGHT && self.bytes < MAX_IN_FLIGHT_BYTES)
+    /// One write that waits for the socket, up to the deadline.
+    async fn write_within<W: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut W,
+        buf: &[u8],
+    ) -> std::io::Result<usize> {
+        loop {
+            if self.stop_by.is_none() && *self.shutdown.borrow() {
+                self.stop_by = Some(Instant::now() + SHUTDOWN_GRACE);
+            }
+            let mut deadline = Instant::now() + SEND_TIMEOUT;
+            if let Some(stop_by) = self.stop_by {
+                deadline = deadline.min(stop_by);
+            }
+            let stopping = self.stop_by.is_some();
+            tokio::select! {
+                written = stream.write(buf) => return written,
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies"));
+                }
+                // The server shuts down: look again with the shorter deadline.
+                _ = self.shutdown.wait_for(|stop| *stop), if !stopping => {
+                    self.stop_by.get_or_insert_with(|| Instant::now() + SHUTDOWN_GRACE);
+                }
+            }
+        }
     }
 }
 
@@ -269,6 +346,7 @@ fn io_errno(e: &IoError) -> u32 {
 async fn reply<W: AsyncWrite + Unpin>(
     writer: &mut W,
     output: &mut BytesMut,
+    sender: &mut Sender,
     session: &Negotiated,
     request: Request,
     outcome: Outcome,
@@ -308,7 +386,8 @@ async fn reply<W: AsyncWrite + Unpin>(
             if data.len() <= COPY_LIMIT {
                 output.put_slice(&data);
             } else {
-                let sent = writer.write_all(output).await.is_ok() && writer.write_all(&data).await.is_ok();
+                let sent =
+                    sender.send(writer, output).await.is_ok() && sender.send(writer, &data).await.is_ok();
                 output.clear();
                 return sent;
             }

@@ -29,6 +29,28 @@ const OVERFLOW: u8 = 0x04;
 
 impl Connection<'_> {
     pub(super) fn scsi_command(&mut self, pdu: Pdu) {
+        if !self.parked.is_empty() {
+            // Behind commands waiting for the budget: keep the initiator's order.
+            self.parked.push_back(pdu);
+            return;
+        }
+        self.command(pdu);
+    }
+
+    /// Starts the parked commands whose charges now fit, in order.
+    pub(super) fn resume_parked(&mut self) {
+        while let Some(pdu) = self.parked.pop_front() {
+            self.command(pdu);
+            if self.blocked.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Takes a SCSI command: refuses it, parks it (at the front: it is the oldest) while
+    /// its charge does not fit, or starts collecting its data or running it.
+    fn command(&mut self, pdu: Pdu) {
+        self.blocked = None;
         if matches!(self.kind, SessionKind::Discovery) {
             self.protocol_error(&pdu.header, "SCSI command in a discovery session");
             return;
@@ -65,17 +87,13 @@ impl Connection<'_> {
             return;
         }
         self.refresh_luns();
-        if self.receiving.len() + self.executing.len() >= MAX_TASKS {
+        if self.receiving.len() + self.executing.len() + self.parked.len() >= MAX_TASKS {
             // Immediate commands take no CmdSN, so the window does not bound them.
             let outcome = Outcome { status: Status::TaskSetFull, data: Bytes::new(), sense: None };
             self.respond(itt, outcome, edtl, false, 0);
             return;
         }
-        if !write || edtl == 0 {
-            self.execute(itt, lun, cdb, Bytes::new(), edtl, read);
-            return;
-        }
-        if edtl > MAX_TRANSFER {
+        if edtl > MAX_TRANSFER && write {
             // Too large to buffer: answer at once; unsolicited data for it is ignored.
             let outcome = Outcome {
                 status: Status::CheckCondition,
@@ -83,6 +101,17 @@ impl Connection<'_> {
                 sense: Some(Bytes::from_static(&INVALID_FIELD_IN_CDB)),
             };
             self.respond(itt, outcome, edtl, false, 0);
+            return;
+        }
+        // A read's data-in or a write's data-out, held until the response is sent.
+        let charge = u64::from(edtl.min(MAX_TRANSFER));
+        if let Err(full) = self.account.try_charge(charge) {
+            self.blocked = Some(full);
+            self.parked.push_front(pdu);
+            return;
+        }
+        if !write || edtl == 0 {
+            self.execute(itt, lun, cdb, Bytes::new(), edtl, read, charge);
             return;
         }
         let unsolicited = if self.params.initial_r2t || pdu.is_final() {
@@ -104,6 +133,7 @@ impl Connection<'_> {
             burst_end: unsolicited,
             data_sn: 0,
             r2t_sn: 0,
+            charge,
         };
         self.receiving.insert(itt, task);
         self.advance_write(itt, pdu.lun());
@@ -115,7 +145,7 @@ impl Connection<'_> {
         let received = len32(task.data.len());
         if received == task.edtl {
             let task = self.receiving.remove(&itt).expect("present");
-            self.execute(itt, task.lun, task.cdb, task.data.freeze(), task.edtl, task.read);
+            self.execute(itt, task.lun, task.cdb, task.data.freeze(), task.edtl, task.read, task.charge);
             return;
         }
         if received < task.burst_end {
@@ -170,6 +200,7 @@ impl Connection<'_> {
             // for it is ignored.
             tracing::warn!(peer = %self.shared.peer, itt, why, "iSCSI data sequence error; the command is aborted");
             let task = self.receiving.remove(&itt).expect("present");
+            self.unsent += task.charge;
             let outcome = Outcome {
                 status: Status::CheckCondition,
                 data: Bytes::new(),
@@ -185,12 +216,22 @@ impl Connection<'_> {
         }
     }
 
-    fn execute(&mut self, itt: u32, lun: u64, cdb: Bytes, data_out: Bytes, edtl: u32, read: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &mut self,
+        itt: u32,
+        lun: u64,
+        cdb: Bytes,
+        data_out: Bytes,
+        edtl: u32,
+        read: bool,
+        charge: u64,
+    ) {
         let luns = self.luns.clone();
         let nexus = self.nexus.clone();
         let command = Command { cdb, data_out, allocation: if read { edtl } else { 0 } };
         let background = command.cdb.first() == Some(&SANITIZE);
-        self.executing.insert(itt, Executing { lun, aborted: false, background });
+        self.executing.insert(itt, Executing { lun, aborted: false, background, charge });
         self.running.push(Box::pin(async move {
             let outcome = strata_scsi::execute(&luns, lun, &nexus, &command).await;
             // Only writes need what their CDB asks for (reads count the data they produce),
@@ -202,7 +243,9 @@ impl Connection<'_> {
     }
 
     pub(super) fn complete(&mut self, (itt, outcome, edtl, read, wanted_out): Done) {
-        let aborted = self.executing.remove(&itt).is_some_and(|e| e.aborted);
+        let (aborted, charge) = self.executing.remove(&itt).map_or((false, 0), |e| (e.aborted, e.charge));
+        // Released once the response (if any) is on the socket.
+        self.unsent += charge;
         if aborted {
             self.tmf_progress(itt);
         } else {

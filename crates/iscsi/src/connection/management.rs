@@ -44,7 +44,11 @@ impl Connection<'_> {
             1 => {
                 // ABORT TASK
                 let referenced = pdu.u32_at(20);
-                if self.receiving.remove(&referenced).is_some() {
+                if let Some(task) = self.receiving.remove(&referenced) {
+                    self.unsent += task.charge;
+                    tmf::COMPLETE
+                } else if let Some(at) = self.parked.iter().position(|p| p.itt() == referenced) {
+                    self.parked.remove(at);
                     tmf::COMPLETE
                 } else if let Some(task) = self.executing.get_mut(&referenced) {
                     task.aborted = true;
@@ -106,7 +110,16 @@ impl Connection<'_> {
 
     /// Aborts every task of this session (on `lun`, or all); returns those still running.
     fn abort_all(&mut self, lun: Option<u64>) -> Vec<u32> {
-        self.receiving.retain(|_, t| lun.is_some_and(|l| l != t.lun));
+        let mut released = 0;
+        self.receiving.retain(|_, t| {
+            let keep = lun.is_some_and(|l| l != t.lun);
+            if !keep {
+                released += t.charge;
+            }
+            keep
+        });
+        self.unsent += released;
+        self.parked.retain(|p| lun.is_some_and(|l| l != strata_scsi::decode_lun(p.lun())));
         self.queued.retain(|_, p| {
             p.opcode() != op::SCSI_COMMAND || lun.is_some_and(|l| l != strata_scsi::decode_lun(p.lun()))
         });

@@ -7,12 +7,21 @@
 //! already started always run to completion (the block-IO contract); an aborted command's
 //! response is not sent, and the task management response waits for it.
 //!
+//! Memory is bounded by a byte budget (`strata_net::budget`): a command is charged its
+//! expected transfer length (a read's data-in, a write's data-out) from its arrival until
+//! its response is on the socket. A command whose charge does not fit is parked, in
+//! order, and the connection reads no more from the socket (unless a write still waits
+//! for its Data-Out) until replies have gone out. Writes race with reading, completions,
+//! keep-alive and shutdown in one `select!`; an initiator that takes no byte for
+//! `SEND_TIMEOUT` (or `SHUTDOWN_GRACE` once the connection closes) is dropped, after the
+//! commands it started have finished.
+//!
 //! At ErrorRecoveryLevel 0 a protocol error (a bad digest, a PDU too long, immediate
 //! data beyond what was negotiated) is answered with a Reject and ends the connection.
 //! Data-Out out of sequence (DataSN, offset, transfer tag, beyond its burst) ends only its
 //! command, with CHECK CONDITION: the header was sound, so the connection still frames.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,9 +30,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
+use strata_net::budget::{Account, Budget, CONNECTION_BUDGET, Full, SEND_TIMEOUT, SHUTDOWN_GRACE};
 use strata_scsi::{LunMap, Nexus, Outcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::login::{COMMAND_WINDOW, LoggedIn, SessionKind};
 use crate::negotiate::Parameters;
@@ -41,6 +52,9 @@ use outbox::Outbox;
 
 /// Bytes the read buffer has free before each read from the socket.
 const READ_ROOM: usize = 256 << 10;
+/// Unsent bytes beyond which the connection reads nothing new (replies that carry no
+/// charge, such as NOP-In echoes, cannot pile up either).
+const OUTBOX_LIMIT: u64 = CONNECTION_BUDGET;
 
 /// How a connection keeps its initiator honest when idle.
 #[derive(Clone, Copy, Debug)]
@@ -73,6 +87,8 @@ struct Receiving {
     burst_end: u32,
     data_sn: u32,
     r2t_sn: u32,
+    /// Bytes charged to the connection's budget.
+    charge: u64,
 }
 
 /// A finished command: its ITT, outcome, expected transfer length, read flag, and the
@@ -88,6 +104,8 @@ struct Executing {
     /// Its work goes on by itself (SANITIZE runs on a thread of its own), so aborts and a
     /// closing connection need not wait for it.
     background: bool,
+    /// Bytes charged to the connection's budget.
+    charge: u64,
 }
 
 /// SANITIZE, the one command whose work outlives it.
@@ -114,19 +132,31 @@ struct Connection<'a> {
     /// SendTargets answers too long for one PDU: the rest, by target transfer tag.
     text_rest: Option<(u32, Bytes)>,
     output: Outbox,
+    /// The connection's byte budget.
+    account: Account,
+    /// Charges of commands whose responses are in `output`, released once it is sent.
+    unsent: u64,
+    /// SCSI commands waiting, in order, for their charge to fit.
+    parked: VecDeque<Pdu>,
+    /// Which budget the first parked command waits for.
+    blocked: Option<Full>,
     /// A reason to stop reading and close once work drains.
     closing: Option<String>,
+    /// When replies must have gone out: set once the connection closes.
+    stop_by: Option<Instant>,
     logout: Option<Pdu>,
     ping: Option<(u32, tokio::time::Instant)>,
 }
 
-/// Serves the full feature phase of a logged-in connection until it ends.
+/// Serves the full feature phase of a logged-in connection until it ends; its commands
+/// are charged to `account` until their responses are sent.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
+    stream: S,
     mut input: BytesMut,
     login: LoggedIn,
     shared: &Shared<'_>,
     mut shutdown: watch::Receiver<bool>,
+    account: Account,
 ) {
     let (nexus, luns, generation, handle) = match &login.kind {
         SessionKind::Normal(target) => {
@@ -160,17 +190,25 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         next_ttt: 1,
         text_rest: None,
         output: Outbox::default(),
+        account,
+        unsent: 0,
+        parked: VecDeque::new(),
+        blocked: None,
         closing: None,
+        stop_by: None,
         logout: None,
         ping: None,
     };
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut writable = true;
-    let mut last_heard = tokio::time::Instant::now();
+    let mut last_heard = Instant::now();
+    // When the socket last took bytes, or had nothing to take.
+    let mut last_sent = Instant::now();
     loop {
         while conn.closing.is_none() {
             match pdu::decode(&mut input, conn.digests, conn.params.max_recv_data_segment_length) {
                 Ok(Some(pdu)) => {
-                    last_heard = tokio::time::Instant::now();
+                    last_heard = Instant::now();
                     conn.receive(pdu);
                 }
                 Ok(None) => break,
@@ -186,19 +224,48 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             conn.logout_response(&logout);
         }
         if writable && !conn.output.is_empty() {
-            writable = conn.output.flush(&mut stream).await.is_ok();
+            match conn.output.write_now(&mut writer) {
+                Ok(true) => last_sent = Instant::now(),
+                Ok(false) => {}
+                Err(_) => writable = false,
+            }
         }
-        if conn.closing.is_some() && conn.executing.values().all(|e| e.background) {
+        if !writable {
+            conn.output.clear();
+        }
+        if conn.output.is_empty() {
+            last_sent = Instant::now();
+            conn.account.release(std::mem::take(&mut conn.unsent));
+        }
+        if conn.closing.is_none() {
+            conn.resume_parked();
+        }
+        if conn.closing.is_some() && conn.executing.values().all(|e| e.background) && conn.output.is_empty() {
             // Only work that goes on by itself is left: dropping its future is safe.
             break;
         }
         if input.capacity() - input.len() < READ_ROOM / 4 {
             input.reserve(READ_ROOM);
         }
-        let reading = conn.closing.is_none();
-        let deadline = match conn.ping {
+        let open = conn.closing.is_none();
+        // Over budget: read nothing new, unless a write still waits for its Data-Out.
+        let reading = open
+            && (conn.parked.is_empty() || !conn.receiving.is_empty())
+            && (conn.output.len() as u64) < OUTBOX_LIMIT;
+        let sending = writable && !conn.output.is_empty();
+        let send_by = match conn.stop_by {
+            Some(stop_by) => stop_by.min(last_sent + SEND_TIMEOUT),
+            None => last_sent + SEND_TIMEOUT,
+        };
+        let ping_by = match conn.ping {
             Some((_, sent)) => sent + shared.keepalive.timeout,
             None => last_heard + shared.keepalive.interval,
+        };
+        let room = match conn.blocked {
+            Some(Full::Controller) if open && !conn.parked.is_empty() => {
+                Some(conn.account.controller().clone())
+            }
+            _ => None,
         };
         tokio::select! {
             biased;
@@ -208,12 +275,21 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     conn.complete(done);
                 }
             }
-            read = stream.read_buf(&mut input), if reading => {
+            written = conn.output.write_some(&mut writer), if sending => match written {
+                Ok(_) => last_sent = Instant::now(),
+                Err(_) => writable = false,
+            },
+            read = reader.read_buf(&mut input), if reading => {
                 if !matches!(read, Ok(n) if n > 0) {
                     conn.close("the initiator closed the connection");
                 }
             }
-            () = tokio::time::sleep_until(deadline), if reading => {
+            () = tokio::time::sleep_until(send_by), if sending => {
+                tracing::warn!(peer = %shared.peer, "iSCSI initiator does not read its responses; dropping the connection");
+                writable = false;
+                conn.close("the initiator does not read");
+            }
+            () = tokio::time::sleep_until(ping_by), if reading => {
                 if conn.ping.is_some() {
                     tracing::warn!(peer = %shared.peer, "iSCSI initiator did not answer a NOP-In ping; dropping the connection");
                     conn.close("ping timed out");
@@ -221,21 +297,30 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     conn.send_ping();
                 }
             }
-            _ = stopped(stop.as_mut()), if reading => conn.close("session reinstated or target reset"),
-            _ = shutdown.changed(), if reading => conn.close("server shutting down"),
+            () = room_in(room.as_deref()) => {}
+            _ = stopped(stop.as_mut()), if open => conn.close("session reinstated or target reset"),
+            _ = shutdown.changed(), if open => conn.close("server shutting down"),
         }
         if !writable {
             conn.close("the socket refuses writes");
         }
     }
     if writable {
-        let _ = stream.shutdown().await;
+        let _ = writer.shutdown().await;
     }
     for lu in conn.luns.values() {
         lu.nexus_lost(&conn.nexus);
     }
     tracing::debug!(peer = %shared.peer, why = conn.closing.as_deref().unwrap_or(""), "iSCSI connection closed");
     drop(handle);
+}
+
+/// Returns once the shared budget may have room again; never when no one waits for it.
+async fn room_in(budget: Option<&Budget>) {
+    match budget {
+        Some(budget) => budget.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn stopped(stop: Option<&mut watch::Receiver<bool>>) {
@@ -269,9 +354,14 @@ fn serial_lt(a: u32, b: u32) -> bool {
 }
 
 impl Connection<'_> {
+    /// Stops reading; what was started finishes, and its responses get
+    /// [`SHUTDOWN_GRACE`] to go out.
     fn close(&mut self, why: &str) {
         if self.closing.is_none() {
             self.closing = Some(why.to_string());
+            self.stop_by = Some(Instant::now() + SHUTDOWN_GRACE);
+            // Parked commands never started: the initiator retries them elsewhere.
+            self.parked.clear();
         }
     }
 
@@ -332,7 +422,7 @@ impl Connection<'_> {
         // A ping does not advance StatSN.
         pdu.set_u32(24, self.stat_sn);
         self.send(pdu);
-        self.ping = Some((ttt, tokio::time::Instant::now()));
+        self.ping = Some((ttt, Instant::now()));
     }
 
     fn take_ttt(&mut self) -> u32 {
