@@ -4,7 +4,7 @@
 //! [`Listener`]. A connection is counted the moment it is accepted, before anything runs
 //! for it, and its [`Admitted`] guard travels with it (into its thread or task) and gives
 //! the place back when dropped. So the caps hold exactly however fast clients connect, and
-//! one client address cannot take the places of all others.
+//! one client address (an IPv6 client: its /64) cannot take the places of all others.
 //!
 //! ```text
 //!   accept() ──▶ admit(peer address) ──refused──▶ close at once (warning, at most once a second)
@@ -85,13 +85,14 @@ impl Open {
         self.counts().total
     }
 
-    /// Connections open now from `address`.
+    /// Connections open now from `address` (from its /64 for IPv6).
     pub fn from_address(&self, address: IpAddr) -> usize {
-        self.counts().by_address.get(&address).copied().unwrap_or(0)
+        self.counts().by_address.get(&client(address)).copied().unwrap_or(0)
     }
 
     /// Counts a connection from `address` if the caps allow it; the guard counts it out.
     pub fn admit(self: &Arc<Self>, address: IpAddr) -> Result<Admitted, Refusal> {
+        let address = client(address);
         let mut counts = self.counts();
         if counts.total >= self.caps.total {
             return Err(Refusal::Total(self.caps.total));
@@ -108,6 +109,19 @@ impl Open {
     fn counts(&self) -> MutexGuard<'_, Counts> {
         // The counts stay consistent even if a holder panicked: every change is one step.
         self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The address a client is counted under: an IPv4 address as itself (also when mapped
+/// into IPv6), an IPv6 address by its /64, since one host or site is routinely given a
+/// whole /64 and could otherwise open a cap's worth of connections from each address.
+fn client(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
     }
 }
 
@@ -325,6 +339,19 @@ mod tests {
         assert_eq!((open.total(), open.from_address(a)), (2, 1));
         let _b2 = open.admit(b).unwrap();
         assert_eq!(open.admit(a).unwrap_err(), Refusal::Total(3));
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64_and_mapped_ipv4_as_ipv4() {
+        let open = Open::new(Caps { total: 10, per_address: 2 });
+        let _one = open.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let _two = open.admit("2001:db8:1:2:ffff::9".parse().unwrap()).unwrap();
+        assert_eq!(open.admit("2001:db8:1:2::3".parse().unwrap()).unwrap_err(), Refusal::PerAddress(2));
+        let _other = open.admit("2001:db8:1:3::1".parse().unwrap()).unwrap();
+        let _v4 = open.admit("192.0.2.1".parse().unwrap()).unwrap();
+        let _mapped = open.admit("::ffff:192.0.2.1".parse().unwrap()).unwrap();
+        assert_eq!(open.from_address("192.0.2.1".parse().unwrap()), 2);
+        assert_eq!(open.admit("::ffff:192.0.2.1".parse().unwrap()).unwrap_err(), Refusal::PerAddress(2));
     }
 
     /// The count moves when a connection is accepted, not when something later runs for

@@ -151,11 +151,17 @@ fn an_api_flood_is_capped_per_address_and_idle_connections_are_closed() {
     let uri = server.volume("v", "16M", "linear");
     qemu_io(&uri, &["write -P 7 0 64k"]);
 
-    // A client that sends half a request head and one that sends nothing.
+    // A client that sends half a request head, one that sends nothing, and one that idles
+    // after a request.
     let api = server.api.trim_start_matches("http://").to_string();
     let mut slow = TcpStream::connect(&api).unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
-    let mut watched = vec![slow, TcpStream::connect(&api).unwrap()];
+    let mut kept_alive = TcpStream::connect(&api).unwrap();
+    kept_alive.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = [0u8; 12];
+    kept_alive.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let mut watched = vec![slow, TcpStream::connect(&api).unwrap(), kept_alive];
     watched.iter().for_each(|s| s.set_nonblocking(true).unwrap());
     let opened = Instant::now();
 
@@ -171,12 +177,12 @@ fn an_api_flood_is_capped_per_address_and_idle_connections_are_closed() {
     let (n, seen) = wait_closed(&mut streams, FLOOD - PER_ADDRESS, Duration::from_secs(10));
     assert!(seen < opened + idle, "the flood over the cap took {:?} to close", seen - opened);
     assert_eq!(n, FLOOD - PER_ADDRESS, "all but {PER_ADDRESS} of the flood are closed at once");
-    assert_eq!(closed(&mut watched), 0, "the silent and slow clients are not closed early");
+    assert_eq!(closed(&mut watched), 0, "the slow, silent and idle clients are not closed early");
     // Then the idle timeout closes the rest, the silent client and the slow one.
     let (n, _) = wait_closed(&mut streams, FLOOD, idle + Duration::from_secs(5));
     assert_eq!(n, FLOOD, "idle connections are closed after the idle timeout");
-    let (n, seen) = wait_closed(&mut watched, 2, Duration::from_secs(5));
-    assert_eq!(n, 2, "the silent and slow clients are closed after the idle timeout");
+    let (n, seen) = wait_closed(&mut watched, 3, Duration::from_secs(5));
+    assert_eq!(n, 3, "the slow, silent and idle clients are closed after the idle timeout");
     assert!(seen >= opened + idle - Duration::from_millis(200), "closed after {:?}", seen - opened);
     let (code, _) = curl(&server, &[], "/v1/status");
     assert_eq!(code, "200");
