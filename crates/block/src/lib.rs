@@ -14,6 +14,7 @@ mod error;
 mod fault;
 mod file;
 mod memory;
+pub mod signature;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};

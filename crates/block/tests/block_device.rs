@@ -69,3 +69,15 @@ async fn a_block_device_works_with_direct_io() {
     let dev = FileDevice::open(&lo.device, &FileOptions { direct: true, ..FileOptions::default() }).unwrap();
     exercise(dev.as_ref(), 4096).await;
 }
+
+#[tokio::test]
+async fn a_block_device_is_held_exclusively_and_a_held_one_is_refused_as_in_use() {
+    let lo = Loop::new(16 << 20, 512);
+    let dev = FileDevice::open(&lo.device, &FileOptions::default()).unwrap();
+    let second =
+        FileDevice::open(&lo.device, &FileOptions::default()).err().expect("a second open is refused");
+    assert_eq!(second.kind(), std::io::ErrorKind::ResourceBusy);
+    assert!(second.to_string().contains("in use"), "{second}");
+    drop(dev);
+    FileDevice::open(&lo.device, &FileOptions::default()).expect("free again once closed");
+}

@@ -284,6 +284,9 @@ struct AddDevice {
     create_size_bytes: Option<u64>,
     #[serde(default)]
     fault_domain: Option<String>,
+    /// Overwrite a foreign signature or data where the labels go.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn add_device(State(state): Shared, Body(body): Body<AddDevice>) -> Answer {
@@ -293,7 +296,11 @@ async fn add_device(State(state): Shared, Body(body): Body<AddDevice>) -> Answer
     if body.fault_domain.as_deref().is_some_and(|d| d.is_empty() || d.len() > 64) {
         return Err(bad_request("fault_domain must be 1 to 64 characters"));
     }
-    created(state.controller.add_device(&body.path, body.create_size_bytes, body.fault_domain).await?)
+    let added = state
+        .controller
+        .add_device(&body.path, body.create_size_bytes, body.fault_domain, body.force)
+        .await?;
+    created(state.controller.added(added).await)
 }
 
 async fn show_device(State(state): Shared, Path(id): Path<String>) -> Answer {
@@ -383,6 +390,8 @@ struct AddExport {
     #[serde(default)]
     allow: Vec<String>,
     #[serde(default)]
+    allow_any: bool,
+    #[serde(default)]
     lun: Option<u64>,
     #[serde(default)]
     chap: Option<ChapRecord>,
@@ -407,6 +416,7 @@ async fn add_export(State(state): Shared, Body(body): Body<AddExport>) -> Answer
         protocol,
         read_only: body.read_only,
         allow: body.allow,
+        allow_any: body.allow_any,
         lun: body.lun,
         chap: body.chap,
         mutual_chap: body.mutual_chap,

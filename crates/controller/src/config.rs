@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use strata_net::listener::Caps;
 
+use crate::exports::ChapRecord;
+
 /// Default REST API address.
 pub const DEFAULT_API: &str = "127.0.0.1:7480";
 /// Default NBD address (the protocol's registered port).
@@ -36,8 +38,16 @@ pub struct ServeConfig {
     pub direct_io: Option<bool>,
     /// Make demo devices, a `demo` volume and its export if they are missing.
     pub demo: Option<bool>,
+    /// Folders where `device add` may create or take device files, besides the data
+    /// directory's `devices/` (always allowed). Block devices need no entry.
+    pub device_dirs: Option<Vec<PathBuf>>,
     /// Caps on connections and the API's timeout (`[connections]`).
     pub connections: Option<ConnectionLimits>,
+    /// CHAP user iSCSI discovery sessions must log in as; with it, SendTargets answers
+    /// only initiators that proved the secret.
+    pub iscsi_discovery_chap_user: Option<String>,
+    /// The discovery CHAP secret (12 to 255 characters); keep the file 0600.
+    pub iscsi_discovery_chap_secret: Option<String>,
 }
 
 /// How many connections each listener (NBD, iSCSI, the API) serves, and how long the API
@@ -100,7 +110,24 @@ impl ServeConfig {
             pool_name: other.pool_name.or(self.pool_name),
             direct_io: other.direct_io.or(self.direct_io),
             demo: other.demo.or(self.demo),
+            device_dirs: other.device_dirs.or(self.device_dirs),
             connections: other.connections.or(self.connections),
+            iscsi_discovery_chap_user: other.iscsi_discovery_chap_user.or(self.iscsi_discovery_chap_user),
+            iscsi_discovery_chap_secret: other.iscsi_discovery_chap_secret.or(self.iscsi_discovery_chap_secret),
+        }
+    }
+
+    /// The discovery CHAP credentials, if set: both keys or neither, and a secret of 12 to
+    /// 255 characters.
+    pub fn discovery_chap(&self) -> Result<Option<ChapRecord>, String> {
+        match (&self.iscsi_discovery_chap_user, &self.iscsi_discovery_chap_secret) {
+            (None, None) => Ok(None),
+            (Some(user), Some(secret)) => {
+                let chap = ChapRecord { user: user.clone(), secret: secret.clone() };
+                chap.check().map_err(|e| format!("iscsi_discovery_chap_user and _secret: {e}"))?;
+                Ok(Some(chap))
+            }
+            _ => Err("iscsi_discovery_chap_user and iscsi_discovery_chap_secret go together: set both or neither".into()),
         }
     }
 }

@@ -13,17 +13,20 @@ use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use strata_block::{BlockIo, FileDevice, FileOptions};
-use strata_pool::{DeviceInfo, Inspection, Pool, PoolError, PoolOptions, VolumeInfo, inspect, scan_dir};
+use strata_pool::{DeviceInfo, Inspection, Pool, PoolError, PoolOptions, VolumeInfo, inspect};
 use strata_volume::{Layout, Location, NodeSpec, VolumeRequest};
 
+use crate::devices::{DevicePaths, check_foreign};
 use crate::exports::{
-    ExportRecord, ExportView, Frontend, ISCSI, LiveExport, NBD, Network, export_key, iscsi_name,
+    ChapRecord, ExportRecord, ExportView, Frontend, ISCSI, LiveExport, NBD, Network, export_key, iscsi_name,
+    open_to_all,
 };
 use crate::failure::{Failure, FailureKind};
 use crate::metrics::{Metered, Metrics, Scope};
 
-/// The file in the data directory with what is not kept on the devices.
-const STATE_FILE: &str = "controller.json";
+/// The file in the data directory with what is not kept on the devices (CHAP secrets
+/// among it: mode 0600).
+pub(crate) const STATE_FILE: &str = "controller.json";
 /// The API token file in the data directory.
 pub const TOKEN_FILE: &str = "token";
 /// The folder of device files made by the controller.
@@ -33,7 +36,9 @@ pub const DEVICES_DIR: &str = "devices";
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Saved {
-    /// Devices added from outside the data directory's devices folder.
+    /// Devices the scan of the devices folder does not find (added from elsewhere, or
+    /// through a path the scan does not take): canonical paths of files, block devices
+    /// as they were named (a `/dev/disk/by-id/…` name outlives `/dev/sdb`).
     #[serde(default)]
     device_paths: Vec<PathBuf>,
     #[serde(default)]
@@ -43,6 +48,8 @@ struct Saved {
 /// The controller's state.
 pub struct Controller {
     data_dir: PathBuf,
+    /// Where device files may be, and what the scan reads.
+    device_paths: DevicePaths,
     file_options: FileOptions,
     pool_name: String,
     pool: parking_lot::RwLock<Option<Arc<Pool>>>,
@@ -65,42 +72,27 @@ pub struct Controller {
     pub nbd_addr: OnceLock<SocketAddr>,
     /// Where the iSCSI target listens, once it does.
     pub iscsi_addr: OnceLock<SocketAddr>,
+    /// The CHAP credentials discovery sessions must prove, if the configuration sets them.
+    pub discovery_chap: OnceLock<ChapRecord>,
     /// What the scan of the devices found at start-up, for status.
     discovery: strata_pool::Discovery,
-}
-
-/// Reads or makes the API token of `data_dir` (mode 0600).
-pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join(TOKEN_FILE);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let token = text.trim().to_string();
-        if !token.is_empty() {
-            return Ok(token);
-        }
-    }
-    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
-    let mut file =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
-    file.write_all(format!("{token}\n").as_bytes())?;
-    file.sync_all()?;
-    Ok(token)
 }
 
 impl Controller {
     /// Opens the controller of `data_dir`: reads its state and rebuilds the pool and
     /// volumes from the devices it knows (its devices folder and the recorded paths).
-    /// Nothing that is not already a member is written.
+    /// Nothing that is not already a member is written. Device files may be added from
+    /// the devices folder and from `device_dirs`.
     pub async fn open(
         data_dir: &Path,
         file_options: FileOptions,
         pool_name: String,
+        device_dirs: &[PathBuf],
     ) -> Result<Arc<Self>, String> {
         let devices_dir = data_dir.join(DEVICES_DIR);
-        std::fs::create_dir_all(&devices_dir)
-            .map_err(|e| format!("cannot create data directory {}: {e}", devices_dir.display()))?;
+        crate::data_dir::create_private_dir(&devices_dir).map_err(|e| e.to_string())?;
         let state_path = data_dir.join(STATE_FILE);
+        crate::data_dir::check(&state_path, crate::data_dir::SECRET_MODE).map_err(|e| e.to_string())?;
         let saved: Saved = match std::fs::read(&state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| format!("{} is not valid: {e}; fix or remove it", state_path.display()))?,
@@ -108,13 +100,9 @@ impl Controller {
             Err(e) => return Err(format!("cannot read {}: {e}", state_path.display())),
         };
         let metrics = Metrics::default();
-        let mut paths =
-            scan_dir(&devices_dir).map_err(|e| format!("cannot list {}: {e}", devices_dir.display()))?;
-        for p in &saved.device_paths {
-            if !paths.contains(p) {
-                paths.push(p.clone());
-            }
-        }
+        let device_paths = DevicePaths::new(&devices_dir, device_dirs)?;
+        let paths = known_paths(&device_paths, &saved)
+            .map_err(|e| format!("cannot list {}: {e}", devices_dir.display()))?;
         let mut candidates: Vec<(String, Arc<dyn BlockIo>)> = Vec::new();
         let mut unopened = Vec::new();
         for path in &paths {
@@ -146,6 +134,7 @@ impl Controller {
         }
         let controller = Arc::new(Self {
             data_dir: data_dir.to_path_buf(),
+            device_paths,
             file_options,
             pool_name,
             pool: parking_lot::RwLock::new(pool.map(Arc::new)),
@@ -158,6 +147,7 @@ impl Controller {
             metrics,
             nbd_addr: OnceLock::new(),
             iscsi_addr: OnceLock::new(),
+            discovery_chap: OnceLock::new(),
             discovery: report,
         });
         for record in saved.exports {
@@ -201,16 +191,9 @@ impl Controller {
 
     async fn save(&self, saved: &Saved) -> Result<(), Failure> {
         let path = self.data_dir.join(STATE_FILE);
-        let tmp = self.data_dir.join(format!("{STATE_FILE}.tmp"));
         let bytes = serde_json::to_vec_pretty(saved).expect("state serializes");
-        let write = || -> std::io::Result<()> {
-            let file = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut &file, &bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.data_dir)?.sync_all()
-        };
-        write()
+        // It holds CHAP secrets: 0600 from the start, replaced atomically.
+        crate::data_dir::write_private(&path, &bytes)
             .map_err(|e| Failure::new(FailureKind::Internal, format!("cannot write {}: {e}", path.display())))
     }
 
@@ -245,67 +228,196 @@ impl Controller {
     }
 
     /// Adds the file or block device at `path` to the pool (making the pool on the first
-    /// one), creating a sparse file of `create` bytes first if asked. A device that already
-    /// carries a Strata label is refused and left untouched.
+    /// one), creating a new sparse file of `create` bytes first if asked. Paths are checked
+    /// by [`DevicePaths`]; a device holding a foreign signature or data where the labels go
+    /// is refused unless `force`; a device that carries a Strata label is refused and left
+    /// untouched, except a member of this pool found again (under this path or another),
+    /// which is taken back.
     pub async fn add_device(
         &self,
         path: &Path,
         create: Option<u64>,
         fault_domain: Option<String>,
+        force: bool,
     ) -> Result<DeviceInfo, Failure> {
-        if !path.is_absolute() {
-            return Err(Failure::new(
-                FailureKind::BadRequest,
-                format!("device path '{}' must be absolute", path.display()),
-            ));
-        }
         let mut saved = self.saved.lock().await;
         let device = match create {
-            Some(size) => {
-                if path.exists() {
-                    return Err(Failure::new(
-                        FailureKind::Conflict,
-                        format!(
-                            "{} already exists; add it without --create, or choose another path",
-                            path.display()
-                        ),
-                    ));
+            Some(size) => self.device_paths.create(path, size, &self.file_options)?,
+            None => self.device_paths.open(path, &self.file_options)?,
+        };
+        let volumes_before = self.pool().map(|p| p.volumes()).unwrap_or_default();
+        let (info, earlier) = match self.admit(&device, fault_domain, force).await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                if create.is_some() {
+                    let _ = std::fs::remove_file(device.path());
                 }
-                FileDevice::create(path, size, &self.file_options)
+                return Err(e);
             }
-            None => FileDevice::open(path, &self.file_options),
+        };
+        self.record_path(&mut saved, path, &device, earlier.as_deref()).await?;
+        match earlier {
+            Some(earlier) => {
+                tracing::info!(device = %info.name, %earlier, id = %info.id, "device found again")
+            }
+            None => tracing::info!(device = %info.name, id = %info.id, "device added"),
         }
-        .map_err(|e| Failure::new(FailureKind::BadRequest, format!("cannot open {}: {e}", path.display())))?;
-        let name = path.display().to_string();
-        let device: Arc<dyn BlockIo> = self.metrics.meter(Scope::device, &name, device);
+        drop(saved);
+        self.serve_reopened_volumes(&volumes_before).await;
+        Ok(info)
+    }
+
+    /// Claims `device` into the pool (making the pool on the first device), or takes back a
+    /// member found again; with it, the name that member had if it differs.
+    async fn admit(
+        &self,
+        device: &Arc<FileDevice>,
+        fault_domain: Option<String>,
+        force: bool,
+    ) -> Result<(DeviceInfo, Option<String>), Failure> {
+        let name = device.path().display().to_string();
+        let found = inspect(device.as_ref()).await;
+        let io: Arc<dyn BlockIo> = self.metrics.meter(Scope::device, &name, device.clone());
         let pool = match self.pool() {
             Some(pool) => pool,
+            None if matches!(found, Inspection::Labelled { .. }) => return self.adopt_pool(name, io).await,
             // The first device makes the pool; it is kept only if the claim succeeds.
             None => Arc::new(Pool::create(PoolOptions {
                 name: self.pool_name.clone(),
                 ..PoolOptions::default()
             })?),
         };
-        let claimed = pool.claim(&name, device, fault_domain).await;
-        let info = match claimed {
-            Ok(info) => info,
-            Err(e) => {
-                if create.is_some() {
-                    let _ = std::fs::remove_file(path);
-                }
-                return Err(e.into());
+        let earlier = match found {
+            Inspection::Unclaimed if !force => {
+                let claimed = pool.claim_ranges(device.geometry().size_bytes).await;
+                check_foreign(device.path(), device.as_ref(), &claimed).await?;
+                None
             }
+            Inspection::Labelled { device_id, .. } => {
+                pool.devices().await.into_iter().find(|d| d.id == device_id).map(|d| d.name)
+            }
+            _ => None,
         };
+        let info = pool.claim(&name, io, fault_domain).await.map_err(|e| match e {
+            // A file shorter than a block reads as 0 bytes: say how long it really is.
+            PoolError::TooSmall { device: d, needed, .. } => {
+                PoolError::TooSmall { device: d, size: device.len_bytes(), needed }
+            }
+            other => other,
+        })?;
         if self.pool.read().is_none() {
             *self.pool.write() = Some(pool);
         }
-        if !path.starts_with(self.data_dir.join(DEVICES_DIR)) && !saved.device_paths.iter().any(|p| p == path)
-        {
-            saved.device_paths.push(path.to_path_buf());
-            self.save(&saved).await?;
+        Ok((info, earlier.filter(|earlier| *earlier != name)))
+    }
+
+    /// With no pool yet, a device labelled for one (the only device found missing at the
+    /// start, then added under its new path): rebuilds that pool from it, as a start-up
+    /// scan would; its other members stay missing until they are added or found.
+    async fn adopt_pool(
+        &self,
+        name: String,
+        io: Arc<dyn BlockIo>,
+    ) -> Result<(DeviceInfo, Option<String>), Failure> {
+        let (pool, report) = Pool::open(vec![(name.clone(), io)]).await?;
+        let Some(pool) = pool.filter(|_| report.members.contains(&name)) else {
+            let why = report.damaged.first().map(|(_, why)| why.clone());
+            let why = why.unwrap_or_else(|| "it is not in the configuration of the pool it names".into());
+            return Err(Failure::new(
+                FailureKind::Conflict,
+                format!(
+                    "Device {name} carries a Strata label, but its pool cannot be rebuilt from it: {why}"
+                ),
+            ));
+        };
+        for (volume, why) in &report.failed_volumes {
+            tracing::warn!(%volume, %why, "volume not served yet");
         }
-        tracing::info!(device = %name, id = %info.id, "device added");
-        Ok(info)
+        let info = pool.devices().await.into_iter().find(|d| d.name == name);
+        let info = info
+            .ok_or_else(|| Failure::new(FailureKind::Internal, format!("{name} vanished from its pool")))?;
+        tracing::info!(pool = %pool.id(), device = %name, "pool found again on an added device");
+        *self.pool.write() = Some(Arc::new(pool));
+        Ok((info, None))
+    }
+
+    /// Records in `controller.json` the path of a device the scan will not find (and forgets
+    /// `earlier`, the path a member found again had), so it comes back after a restart.
+    async fn record_path(
+        &self,
+        saved: &mut Saved,
+        given: &Path,
+        device: &FileDevice,
+        earlier: Option<&str>,
+    ) -> Result<(), Failure> {
+        let before = saved.device_paths.clone();
+        if let Some(earlier) = earlier {
+            saved.device_paths.retain(|p| p.display().to_string() != earlier);
+        }
+        let canonical = device.path();
+        if !self.device_paths.found_by_scan(canonical) {
+            // Block devices by the name the operator chose (a by-id name outlives sdb).
+            let record = if device.is_block_device() { given } else { canonical };
+            let known = saved
+                .device_paths
+                .iter()
+                .any(|p| p == record || std::fs::canonicalize(p).is_ok_and(|c| c == canonical));
+            if !known {
+                saved.device_paths.push(record.to_path_buf());
+            }
+        }
+        if saved.device_paths != before {
+            self.save(saved).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves the volumes a member found again brought back: each one not in `before`, or
+    /// opened anew, is exported again from its new tree (clients still connected to the
+    /// failed one keep getting errors until they reconnect), and recorded exports whose
+    /// volume was not there at the start are served.
+    async fn serve_reopened_volumes(&self, before: &[Arc<strata_pool::Volume>]) {
+        let Some(pool) = self.pool() else { return };
+        let renewed: Vec<String> = pool
+            .volumes()
+            .iter()
+            .filter(|v| !before.iter().any(|old| Arc::ptr_eq(old, v)))
+            .map(|v| v.name().to_string())
+            .collect();
+        for volume in &renewed {
+            self.metered_volumes.lock().remove(volume);
+            let live: Vec<(String, ExportRecord)> = self
+                .exports
+                .read()
+                .iter()
+                .filter(|(_, e)| e.record.volume == *volume)
+                .map(|(k, e)| (k.clone(), e.record.clone()))
+                .collect();
+            for (key, record) in live {
+                self.stop_export(&key);
+                self.unserved.lock().push((record, "its volume is being opened again".into()));
+            }
+        }
+        self.serve_waiting_exports().await;
+    }
+
+    /// Serves recorded exports whose volume was not there at the start and now is.
+    async fn serve_waiting_exports(&self) {
+        let pool = self.pool();
+        let ready: Vec<ExportRecord> = {
+            let mut unserved = self.unserved.lock();
+            let (ready, waiting) = std::mem::take(&mut *unserved)
+                .into_iter()
+                .partition(|(r, _)| pool.as_ref().is_some_and(|p| p.volume(&r.volume).is_some()));
+            *unserved = waiting;
+            ready.into_iter().map(|(r, _)| r).collect()
+        };
+        for record in ready {
+            if let Err(e) = self.start_export(record.clone()).await {
+                tracing::error!(volume = %record.volume, error = %e.message, "export not served");
+                self.unserved.lock().push((record, e.message));
+            }
+        }
     }
 
     /// Takes a device out of the pool and wipes its labels; refused while volumes use it.
@@ -314,7 +426,11 @@ impl Controller {
         let mut saved = self.saved.lock().await;
         self.require_pool()?.release(info.id).await?;
         let before = saved.device_paths.len();
-        saved.device_paths.retain(|p| p.display().to_string() != info.name);
+        let named = |p: &PathBuf| {
+            p.display().to_string() == info.name
+                || std::fs::canonicalize(p).is_ok_and(|c| c.display().to_string() == info.name)
+        };
+        saved.device_paths.retain(|p| !named(p));
         if saved.device_paths.len() != before {
             self.save(&saved).await?;
         }
@@ -322,22 +438,42 @@ impl Controller {
         Ok(())
     }
 
-    /// What every file in the devices folder and every recorded path is, read without
-    /// writing: members, free devices, other pools' devices, damaged labels.
+    /// What every device the scan finds and every recorded path is, read without writing:
+    /// members, free devices (with any foreign signature they hold), devices in use by
+    /// something else, other pools' devices, damaged labels.
     pub async fn scan(&self) -> Vec<ScanEntry> {
         let saved = self.saved.lock().await.clone();
-        let mut paths = scan_dir(&self.data_dir.join(DEVICES_DIR)).unwrap_or_default();
-        paths.extend(saved.device_paths.iter().filter(|p| !paths.contains(p)).cloned().collect::<Vec<_>>());
+        let paths = known_paths(&self.device_paths, &saved).unwrap_or_default();
         let pool_id = self.pool().map(|p| p.id());
+        // Members are held open (block devices exclusively): report them without opening.
+        let online: Vec<(String, String)> = self
+            .devices()
+            .await
+            .into_iter()
+            .filter(|d| d.state == strata_pool::DeviceState::Online)
+            .map(|d| (d.name, d.id.to_string()))
+            .collect();
         let mut out = Vec::new();
         for path in paths {
             let name = path.display().to_string();
+            if let Some((_, id)) = online.iter().find(|(member, _)| *member == name) {
+                out.push(ScanEntry { path: name, state: "member".into(), detail: id.clone() });
+                continue;
+            }
             let (state, detail) = match FileDevice::open(&path, &self.file_options) {
+                Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => ("in use", e.to_string()),
                 Err(e) => ("unreadable", e.to_string()),
                 Ok(device) => match inspect(device.as_ref()).await {
-                    Inspection::Unclaimed => {
-                        ("unclaimed", "no Strata label; `strata device add` claims it".into())
-                    }
+                    Inspection::Unclaimed => match strata_block::signature::probe(device.as_ref()).await {
+                        Ok(found) if !found.is_empty() => (
+                            "unclaimed",
+                            format!(
+                                "no Strata label; holds {}: `strata device add --force` overwrites it",
+                                found[0]
+                            ),
+                        ),
+                        _ => ("unclaimed", "no Strata label; `strata device add` claims it".into()),
+                    },
                     Inspection::Labelled { pool_id: p, device_id } if Some(p) == pool_id => {
                         ("member", device_id.to_string())
                     }
@@ -484,9 +620,11 @@ impl Controller {
                     || record.mutual_chap.is_some()
                     || record.block_size.is_some()
                     || record.removable
+                    || record.allow_any
                 {
                     return Err(bad(
-                        "LUNs, CHAP, block sizes and removable media apply to iSCSI exports only".into(),
+                        "LUNs, CHAP, block sizes, removable media and --allow-any apply to iSCSI exports only"
+                            .into(),
                     ));
                 }
                 self.check_export_conflicts(&record)?;
@@ -509,15 +647,21 @@ impl Controller {
                     return Err(bad(format!("LUN {lun} is out of range: use 0 to 16383")));
                 }
                 for chap in [&record.chap, &record.mutual_chap].into_iter().flatten() {
-                    if chap.user.is_empty() || !(12..=255).contains(&chap.secret.len()) {
-                        return Err(bad(format!(
-                            "CHAP user '{}': the user must not be empty and the secret must be 12 to 255 characters",
-                            chap.user
-                        )));
-                    }
+                    chap.check().map_err(bad)?;
                 }
                 if record.mutual_chap.is_some() && record.chap.is_none() {
                     return Err(bad("mutual CHAP needs CHAP: give --chap-user and --chap-secret too".into()));
+                }
+                if record.allow_any && !record.allow.is_empty() {
+                    return Err(bad(
+                        "--allow-any opens the export to every initiator; give it or --allow, not both"
+                            .into(),
+                    ));
+                }
+                // At start-up the portal is not known yet: `withhold_open_exports` checks
+                // the recorded exports once it is.
+                if let Some(why) = self.iscsi_addr.get().and_then(|portal| open_to_all(&record, *portal)) {
+                    return Err(bad(why));
                 }
                 if let Some(other) = self.exports.read().values().find(|e| {
                     e.record.protocol == ISCSI
@@ -544,6 +688,27 @@ impl Controller {
         self.exports.write().insert(export_key(&record), LiveExport { record: record.clone(), frontend });
         self.export_generation.fetch_add(1, Ordering::AcqRel);
         Ok(record)
+    }
+
+    /// Takes out of service every iSCSI export that would be open to every initiator on
+    /// `portal` (no allow-list, no CHAP, no `allow_any`, a portal that is not loopback):
+    /// such exports recorded before this rule, or served before on a loopback portal. They
+    /// stay recorded and listed as not served, with the reason, until removed. Called once
+    /// the portal is known, before the target accepts anyone.
+    pub fn withhold_open_exports(&self, portal: SocketAddr) {
+        let open: Vec<(String, ExportRecord, String)> = self
+            .exports
+            .read()
+            .iter()
+            .filter_map(|(key, e)| {
+                open_to_all(&e.record, portal).map(|why| (key.clone(), e.record.clone(), why))
+            })
+            .collect();
+        for (key, record, why) in open {
+            tracing::error!(volume = %record.volume, target = %record.name, %why, "export not served");
+            self.stop_export(&key);
+            self.unserved.lock().push((record, format!("{why}; remove it and add it again so")));
+        }
     }
 
     /// Refuses a second export of a volume over one protocol, and a name (and LUN) taken.
@@ -622,6 +787,20 @@ impl Controller {
     /// Exports a volume and records it so it is served again after a restart.
     pub async fn add_export(&self, record: ExportRecord) -> Result<ExportView, Failure> {
         let mut saved = self.saved.lock().await;
+        if let Some((_, why)) = self
+            .unserved
+            .lock()
+            .iter()
+            .find(|(r, _)| r.volume == record.volume && r.protocol == record.protocol)
+        {
+            return Err(Failure::new(
+                FailureKind::Conflict,
+                format!(
+                    "volume '{}' already has an export over {} that is not served ({why}); remove it first (`strata export remove {} --{}`)",
+                    record.volume, record.protocol, record.volume, record.protocol
+                ),
+            ));
+        }
         let record = self.start_export(record).await?;
         saved.exports.push(record.clone());
         if let Err(e) = self.save(&saved).await {
@@ -679,7 +858,7 @@ impl Controller {
             for i in 0..4 {
                 let path = std::path::absolute(self.data_dir.join(DEVICES_DIR).join(format!("device{i}")))
                     .map_err(|e| Failure::new(FailureKind::Internal, e.to_string()))?;
-                self.add_device(&path, Some(1 << 30), Some(format!("shelf{i}"))).await?;
+                self.add_device(&path, Some(1 << 30), Some(format!("shelf{i}")), false).await?;
             }
         }
         if self.pool().is_some_and(|p| p.volume("demo").is_none()) {
@@ -696,6 +875,7 @@ impl Controller {
                 name: "demo".into(),
                 read_only: false,
                 allow: Vec::new(),
+                allow_any: false,
                 lun: None,
                 chap: None,
                 mutual_chap: None,
@@ -711,6 +891,7 @@ impl Controller {
                 name: self.default_target_name("demo")?,
                 read_only: false,
                 allow: Vec::new(),
+                allow_any: false,
                 lun: Some(0),
                 chap: None,
                 mutual_chap: None,
@@ -751,6 +932,20 @@ impl Controller {
         self.metrics.nbd_connections.set(i64::try_from(nbd_connections).unwrap_or(i64::MAX));
         self.metrics.iscsi_sessions.set(i64::try_from(iscsi_sessions).unwrap_or(i64::MAX));
     }
+}
+
+/// The devices a controller looks at: what the scan of the devices folder finds, then the
+/// recorded paths it does not, each device once (canonical where it resolves; a recorded
+/// path that does not resolve is kept, to be reported as not found).
+fn known_paths(device_paths: &DevicePaths, saved: &Saved) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths = device_paths.scan()?;
+    for recorded in &saved.device_paths {
+        let path = std::fs::canonicalize(recorded).unwrap_or_else(|_| recorded.clone());
+        if !paths.contains(&path) {
+            paths.push(path);
+        }
+    }
+    Ok(paths)
 }
 
 /// What a scan found at one path.

@@ -42,6 +42,7 @@ impl From<PoolError> for Failure {
             PoolError::NoSuchVolume(_) | PoolError::NoSuchDevice(_) => FailureKind::NotFound,
             PoolError::VolumeExists(_)
             | PoolError::AlreadyClaimed { .. }
+            | PoolError::AlreadyMember { .. }
             | PoolError::DamagedLabel { .. }
             | PoolError::DeviceInUse { .. }
             | PoolError::ConfigTooLarge { .. }

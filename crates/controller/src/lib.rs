@@ -9,12 +9,15 @@
 pub mod api;
 pub mod config;
 pub mod controller;
+pub mod data_dir;
+pub mod devices;
 pub mod exports;
 pub mod failure;
 pub mod http;
 pub mod metrics;
 pub mod serve;
 pub mod size;
+pub mod space;
 
 pub use config::ServeConfig;
 pub use controller::Controller;

@@ -20,7 +20,8 @@ use crate::api::{ApiState, router};
 use crate::config::{
     DEFAULT_API, DEFAULT_DATA_DIR, DEFAULT_DEMO_DIR, DEFAULT_ISCSI, DEFAULT_NBD, ServeConfig,
 };
-use crate::controller::{Controller, TOKEN_FILE, load_or_create_token};
+use crate::controller::{Controller, TOKEN_FILE};
+use crate::data_dir::{create_private_dir, load_or_create_token, write_private};
 
 /// The file where a running controller writes the addresses it listens on.
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
@@ -38,18 +39,19 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let (caps, api_idle_timeout) = (limits.caps()?, limits.api_idle_timeout()?);
     raise_file_limit(caps);
     let demo = config.demo.unwrap_or(false);
+    let discovery_chap = config.discovery_chap()?;
     let data_dir = config
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(if demo { DEFAULT_DEMO_DIR } else { DEFAULT_DATA_DIR }));
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
+    // Private to this user (0700), and refused if another user owns it or may write it.
+    create_private_dir(&data_dir).map_err(|e| e.to_string())?;
     let data_dir = std::path::absolute(&data_dir).map_err(|e| e.to_string())?;
-    let token = load_or_create_token(&data_dir)
-        .map_err(|e| format!("cannot write the API token in {}: {e}", data_dir.display()))?;
+    let token = load_or_create_token(&data_dir).map_err(|e| e.to_string())?;
     let file_options = FileOptions { direct: config.direct_io.unwrap_or(false), ..FileOptions::default() };
     let pool_name = config.pool_name.clone().unwrap_or_else(|| "strata".into());
-    let controller = Controller::open(&data_dir, file_options, pool_name).await?;
+    let device_dirs = config.device_dirs.clone().unwrap_or_default();
+    let controller = Controller::open(&data_dir, file_options, pool_name, &device_dirs).await?;
     if demo {
         controller.ensure_demo().await.map_err(|e| format!("cannot set up the demo: {}", e.message))?;
     }
@@ -66,13 +68,18 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     let iscsi_addr = iscsi_listener.local_addr().map_err(|e| e.to_string())?;
     let _ = controller.nbd_addr.set(nbd_addr);
     let _ = controller.iscsi_addr.set(iscsi_addr);
+    // Before the target accepts anyone: exports open to all need a loopback portal.
+    controller.withhold_open_exports(iscsi_addr);
+    if let Some(chap) = discovery_chap {
+        let _ = controller.discovery_chap.set(chap);
+    }
     let endpoints = serde_json::json!({
         "api": format!("http://{api_addr}"),
         "nbd": nbd_addr.to_string(),
         "iscsi": iscsi_addr.to_string(),
     });
     let endpoints_path = data_dir.join(ENDPOINTS_FILE);
-    std::fs::write(&endpoints_path, serde_json::to_vec_pretty(&endpoints).expect("json"))
+    write_private(&endpoints_path, &serde_json::to_vec_pretty(&endpoints).expect("json"))
         .map_err(|e| format!("cannot write {}: {e}", endpoints_path.display()))?;
 
     let (stop, stopped) = watch::channel(false);
@@ -110,7 +117,9 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         println!("Try:");
         println!("  qemu-img info nbd://{nbd_addr}/demo");
         println!("  nbdinfo nbd://{nbd_addr}/demo");
-        if let Some(iscsi) = controller.exports().into_iter().find(|e| e.record.protocol == "iscsi") {
+        if let Some(iscsi) =
+            controller.exports().into_iter().find(|e| e.record.protocol == "iscsi" && e.uri.is_some())
+        {
             println!("  iscsi-inq {}", iscsi.uri.unwrap_or_default());
         }
         println!("  strata --api http://{api_addr} --data-dir {} volume list", data_dir.display());

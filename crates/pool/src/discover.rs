@@ -16,13 +16,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use strata_block::{BlockIo, Durability, FileDevice, FileOptions, IoError};
-use strata_volume::Tree;
+use strata_volume::{Tree, VolumeState};
 use uuid::Uuid;
 
 use crate::config::{DeviceMetadata, PoolConfig};
 use crate::error::PoolError;
 use crate::label::{LABEL_SIZE, Label, LabelError, back_offset};
-use crate::pool::{Member, Pool, State};
+use crate::pool::{DeviceInfo, Member, Pool, State};
 use crate::slot::{self, SLOT_HEADER, SlotError};
 
 /// What a scan of the candidate devices found.
@@ -186,6 +186,27 @@ async fn read_slot(io: &dyn BlockIo, label: &Label, index: u64) -> SlotRead {
     }
 }
 
+/// Both metadata slots of a member: the newest valid records, the slot holding them, and
+/// what is wrong with the others.
+async fn read_slots(io: &dyn BlockIo, label: &Label) -> (Option<(u64, DeviceMetadata)>, u64, Vec<String>) {
+    let mut newest: Option<(u64, DeviceMetadata)> = None;
+    let mut newest_slot = 1;
+    let mut bad_slots = Vec::new();
+    for index in 0..2 {
+        match read_slot(io, label, index).await {
+            SlotRead::Valid(g, m) => {
+                if newest.as_ref().is_none_or(|(n, _)| g > *n) {
+                    newest = Some((g, m));
+                    newest_slot = index;
+                }
+            }
+            SlotRead::Empty => {}
+            SlotRead::Bad(why) => bad_slots.push(format!("metadata slot {index}: {why}")),
+        }
+    }
+    (newest, newest_slot, bad_slots)
+}
+
 struct Found {
     name: String,
     io: Arc<dyn BlockIo>,
@@ -213,21 +234,7 @@ impl Pool {
                     report.damaged.push((name, why));
                 }
                 LabelScan::Valid { label, repair } => {
-                    let mut newest: Option<(u64, DeviceMetadata)> = None;
-                    let mut newest_slot = 1;
-                    let mut bad_slots = Vec::new();
-                    for index in 0..2 {
-                        match read_slot(io.as_ref(), &label, index).await {
-                            SlotRead::Valid(g, m) => {
-                                if newest.as_ref().is_none_or(|(n, _)| g > *n) {
-                                    newest = Some((g, m));
-                                    newest_slot = index;
-                                }
-                            }
-                            SlotRead::Empty => {}
-                            SlotRead::Bad(why) => bad_slots.push(format!("metadata slot {index}: {why}")),
-                        }
-                    }
+                    let (newest, newest_slot, bad_slots) = read_slots(io.as_ref(), &label).await;
                     found.push(Found {
                         name,
                         io,
@@ -353,17 +360,139 @@ impl Pool {
     }
 }
 
-/// The regular files and block devices directly inside `dir`, sorted by name.
+impl Pool {
+    /// Takes back a configured member that was missing (moved, renamed, or found under
+    /// another path than the scan looked at): `label` is its valid label, read under the
+    /// state lock. The member comes back under `name`, its records are brought up to date
+    /// by a commit of the configuration (which now names it `name`), and volumes that could
+    /// not open, or opened failed, without it are opened again (a caller holding the failed
+    /// volume's block device must fetch the new one). Volumes still serving without it (a
+    /// degraded mirror) take it back at the next start, where it is resynced.
+    pub(crate) async fn readmit(
+        &self,
+        state: &mut State,
+        name: &str,
+        io: Arc<dyn BlockIo>,
+        label: Label,
+        repair: Option<(u32, String)>,
+    ) -> Result<DeviceInfo, PoolError> {
+        if let Some((copy, why)) = repair {
+            write_copy(io.as_ref(), &label, copy)
+                .await
+                .map_err(|source| PoolError::Io { device: name.to_string(), source })?;
+            tracing::warn!(device = %name, %why, "label copy rewritten on re-admission");
+        }
+        let (_, slot, _) = read_slots(io.as_ref(), &label).await;
+        let id = label.device_id;
+        let mut config = state.config.clone();
+        for record in config.devices.iter_mut().filter(|d| d.id == id) {
+            record.name = name.to_string();
+        }
+        state.members.insert(id, Member { name: name.to_string(), io, label, slot });
+        if let Err(e) = state.commit(config).await {
+            state.members.remove(&id);
+            return Err(e);
+        }
+        tracing::info!(device = %name, %id, "missing device found again and re-admitted");
+        // Volumes that could not open, or opened failed, without it: built again.
+        let waiting: Vec<_> = state
+            .config
+            .volumes
+            .iter()
+            .filter(|v| match self.volume(&v.name) {
+                None => true,
+                Some(open) => open.info().state == VolumeState::Failed && v.tree.devices().contains(&id),
+            })
+            .cloned()
+            .collect();
+        for record in waiting {
+            let lookup = |id: Uuid| state.members.get(&id).map(|m| m.io.clone());
+            match Tree::open(record.tree.clone(), record.size_bytes, &lookup).await {
+                Ok(tree) if tree.state() != VolumeState::Failed => {
+                    tracing::info!(volume = %record.name, "volume opened now that its device is back");
+                    self.insert_volume(record, tree);
+                }
+                Ok(_) => tracing::warn!(volume = %record.name, "volume still lacks devices"),
+                Err(e) => tracing::warn!(volume = %record.name, error = %e, "volume still cannot be opened"),
+            }
+        }
+        Ok(crate::pool::device_infos(state)
+            .into_iter()
+            .find(|d| d.id == id)
+            .expect("the device was just added"))
+    }
+}
+
+/// How deep the scan goes into subfolders of the devices folder.
+const SCAN_DEPTH: usize = 8;
+
+/// The devices the scan finds in `dir`: regular files and block devices in it and in its
+/// subfolders, and what symbolic links there point to when that is a file or a block
+/// device (an administrator's `ln -s /dev/disk/by-id/… devices/`). Links to folders are not
+/// followed, so a link to `/dev` does not make every disk a candidate. Each device is
+/// given once, by its canonical path (no links, no `..`), in sorted order.
 pub fn scan_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    use std::os::unix::fs::FileTypeExt;
     let mut out = Vec::new();
+    scan_into(dir, SCAN_DEPTH, &mut out)?;
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn scan_into(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let kind = entry.file_type()?;
-        if kind.is_file() || kind.is_block_device() {
-            out.push(entry.path());
+        let path = entry.path();
+        if kind.is_dir() {
+            if depth > 0 {
+                scan_into(&path, depth - 1, out)?;
+            }
+            continue;
+        }
+        let target = if kind.is_symlink() {
+            match std::fs::metadata(&path) {
+                Ok(meta) => meta.file_type(),
+                Err(e) => {
+                    tracing::warn!(link = %path.display(), error = %e, "link in the devices folder leads nowhere");
+                    continue;
+                }
+            }
+        } else {
+            kind
+        };
+        if target.is_file() || target.is_block_device() {
+            out.push(std::fs::canonicalize(&path)?);
         }
     }
-    out.sort();
-    Ok(out)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scan_finds_subfolders_and_links_to_devices_but_not_links_to_folders() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("devices");
+        let elsewhere = root.path().join("elsewhere");
+        std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        for file in [dir.join("a"), dir.join("sub/c"), dir.join("sub/deeper/d"), elsewhere.join("b")] {
+            std::fs::write(file, b"").unwrap();
+        }
+        std::os::unix::fs::symlink(elsewhere.join("b"), dir.join("link-to-b")).unwrap();
+        std::os::unix::fs::symlink(dir.join("a"), dir.join("link-to-a")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("nothing"), dir.join("dangling")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join("link-to-folder")).unwrap();
+        let found = scan_dir(&dir).unwrap();
+        let canonical = |p: PathBuf| std::fs::canonicalize(p).unwrap();
+        let mut expected =
+            vec![canonical(dir.join("a")), canonical(dir.join("sub/c")), canonical(dir.join("sub/deeper/d"))];
+        expected.push(canonical(elsewhere.join("b")));
+        expected.sort();
+        assert_eq!(found, expected);
+    }
 }

@@ -28,6 +28,16 @@ pub enum PoolError {
         /// Its pool.
         pool: Uuid,
     },
+    /// The device is already a member of this pool, online.
+    #[error("Device {device} already belongs to pool {pool}, as {member}; it is online and needs nothing")]
+    AlreadyMember {
+        /// Device name as given.
+        device: String,
+        /// This pool.
+        pool: Uuid,
+        /// The member's name in the pool.
+        member: String,
+    },
     /// The device carries a Strata label that cannot be read.
     #[error(
         "Device {device} carries a damaged Strata label ({reason}); it was left untouched. Wipe its first and last 4 KiB to reuse it"

@@ -330,6 +330,22 @@ impl Pool {
         Self { id, state: tokio::sync::Mutex::new(state), volumes: parking_lot::RwLock::new(volumes) }
     }
 
+    /// Serves a volume opened after the pool was (its device came back).
+    pub(crate) fn insert_volume(&self, record: VolumeRecord, tree: Tree) {
+        self.volumes.write().insert(record.name.clone(), Arc::new(Volume { record, tree: Arc::new(tree) }));
+    }
+
+    /// The byte ranges a claim of a device of `size_bytes` writes: its front label and
+    /// metadata slots (up to the first extent), and its back label. Worth checking for
+    /// data before a claim overwrites it.
+    pub async fn claim_ranges(&self, size_bytes: u64) -> [std::ops::Range<u64>; 2] {
+        let state = self.state.lock().await;
+        let extent = state.config.extent_size;
+        let data_offset = (LABEL_SIZE + 2 * state.slot_size).div_ceil(extent) * extent;
+        let back = crate::label::back_offset(size_bytes);
+        [0..data_offset.min(size_bytes), back..size_bytes]
+    }
+
     /// The pool's identity.
     pub fn id(&self) -> Uuid {
         self.id
@@ -341,7 +357,8 @@ impl Pool {
     }
 
     /// Claims a device: writes its labels and adds it to the configuration. A device that
-    /// already carries a Strata label (valid or damaged) is refused and left untouched.
+    /// already carries a Strata label (valid or damaged) is refused and left untouched,
+    /// except a member of this pool that was missing: that one is taken back.
     pub async fn claim(
         &self,
         name: &str,
@@ -356,6 +373,20 @@ impl Pool {
             crate::discover::LabelScan::Valid { label, .. }
                 if label.pool_id == state.config.pool_id
                     && !state.config.devices.iter().any(|d| d.id == label.device_id) => {}
+            // A member that was missing, found again (under this path or another one).
+            crate::discover::LabelScan::Valid { label, repair }
+                if label.pool_id == state.config.pool_id && !state.members.contains_key(&label.device_id) =>
+            {
+                return self.readmit(&mut state, name, io, label, repair).await;
+            }
+            crate::discover::LabelScan::Valid { label, .. } if label.pool_id == state.config.pool_id => {
+                let member = state.members.get(&label.device_id).map(|m| m.name.clone()).unwrap_or_default();
+                return Err(PoolError::AlreadyMember {
+                    device: name.to_string(),
+                    pool: label.pool_id,
+                    member,
+                });
+            }
             crate::discover::LabelScan::Valid { label, .. } => {
                 return Err(PoolError::AlreadyClaimed { device: name.to_string(), pool: label.pool_id });
             }
@@ -563,7 +594,7 @@ impl Pool {
 }
 
 /// What listings show of every configured device, from one pass over the free space.
-fn device_infos(state: &State) -> Vec<DeviceInfo> {
+pub(crate) fn device_infos(state: &State) -> Vec<DeviceInfo> {
     let planner = state.planner();
     let replicas = state.replicas();
     state

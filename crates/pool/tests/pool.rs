@@ -173,7 +173,7 @@ async fn a_device_without_a_label_is_reported_unclaimed_and_never_written() {
     // Claiming it makes it a member.
     pool.claim("m2", stranger.clone(), None).await.unwrap();
     let again = pool.claim("m2", stranger.clone(), None).await;
-    assert!(matches!(again, Err(PoolError::AlreadyClaimed { .. })));
+    assert!(matches!(again, Err(PoolError::AlreadyMember { .. })), "{again:?}");
 }
 
 #[tokio::test]
@@ -408,4 +408,35 @@ mod corrupt_metadata {
             });
         }
     }
+}
+
+#[tokio::test]
+async fn a_missing_member_found_under_another_name_is_taken_back_and_its_volume_opens() {
+    let (pool, devices) = pool_of(2).await;
+    // A linear volume on the second device only: place one on each, keep the second's.
+    pool.create_volume("a", VolumeRequest::new(4 * MIB, Layout::Linear)).await.unwrap();
+    pool.create_volume("b", VolumeRequest::new(4 * MIB, Layout::Linear)).await.unwrap();
+    let second = pool.devices().await.into_iter().find(|d| d.name == "m1").unwrap().id;
+    let on_second =
+        ["a", "b"].into_iter().find(|v| pool.volume(v).unwrap().info().devices == [second]).unwrap();
+    let volume = pool.volume(on_second).unwrap();
+    volume.io().write(0, Bytes::from(vec![0x5a; 4096]), Durability::Fua).await.unwrap();
+    drop((volume, pool));
+
+    // Started without it: the volume on it cannot open.
+    let (pool, report) = Pool::open(candidates(&devices[..1])).await.unwrap();
+    let pool = pool.unwrap();
+    assert_eq!(report.missing, [second]);
+    assert_eq!(pool.volume(on_second).unwrap().info().state, strata_volume::VolumeState::Failed);
+    // Found again under another name: taken back, not refused as another pool's.
+    let info = pool.claim("moved/m1", devices[1].clone(), None).await.unwrap();
+    assert_eq!((info.id, info.name.as_str()), (second, "moved/m1"));
+    let volume = pool.volume(on_second).expect("its volume opens now");
+    assert_eq!(volume.io().read(0, 4096).await.unwrap(), Bytes::from(vec![0x5a; 4096]));
+    // The new name is recorded: it is what the next start sees in the configuration.
+    let again = pool.claim("elsewhere", devices[1].clone(), None).await;
+    assert!(
+        matches!(again, Err(PoolError::AlreadyMember { ref member, .. }) if member == "moved/m1"),
+        "{again:?}"
+    );
 }

@@ -15,6 +15,8 @@ pub async fn run(cli: &Cli) -> Result<(), String> {
         Command::Serve(_) => unreachable!("serve is not a client command"),
         Command::Status => {
             let s = api.call(Method::GET, "/v1/status", None).await?;
+            // Missing devices are reported by id; their paths tell an operator where to look.
+            let devices = api.call(Method::GET, "/v1/devices", None).await.unwrap_or_default();
             out.object(&s, |s| {
                 let pool = match &s["pool"] {
                     Value::Null => "none yet (add a device)".to_string(),
@@ -49,7 +51,10 @@ pub async fn run(cli: &Cli) -> Result<(), String> {
                     }
                 }
                 for id in startup["missing_devices"].as_array().into_iter().flatten() {
-                    println!("Warning  device {} is missing", text(id));
+                    match devices.as_array().into_iter().flatten().find(|d| d["id"] == *id) {
+                        Some(d) => println!("Warning  device {} ({}) is missing", text(id), text(&d["name"])),
+                        None => println!("Warning  device {} is missing", text(id)),
+                    }
                 }
             });
         }
@@ -75,11 +80,16 @@ async fn device(api: &ApiClient, out: &Output, command: &DeviceCommand) -> Resul
             &api.call(Method::GET, &format!("/v1/devices/{}", segment(id)), None).await?,
             print_fields,
         ),
-        DeviceCommand::Add { path, create, fault_domain } => {
+        DeviceCommand::Add { path, create, fault_domain, force } => {
             let path = std::path::absolute(path).map_err(|e| format!("bad path {}: {e}", path.display()))?;
-            let body = json!({ "path": path, "create_size_bytes": create, "fault_domain": fault_domain });
+            let body = json!({
+                "path": path, "create_size_bytes": create, "fault_domain": fault_domain, "force": force,
+            });
             let d = api.call(Method::POST, "/v1/devices", Some(body)).await?;
-            out.object(&d, |d| println!("Added {} as device {}", text(&d["name"]), text(&d["id"])));
+            out.object(&d, |d| {
+                println!("Added {} as device {}", text(&d["name"]), text(&d["id"]));
+                d["warnings"].as_array().into_iter().flatten().for_each(|w| println!("Warning  {}", text(w)));
+            });
         }
         DeviceCommand::Remove { id } => {
             api.call(Method::DELETE, &format!("/v1/devices/{}", segment(id)), None).await?;
@@ -164,6 +174,7 @@ async fn export(api: &ApiClient, out: &Output, command: &ExportCommand) -> Resul
             lun,
             read_only,
             allow,
+            allow_any,
             chap_user,
             chap_secret,
             mutual_user,
@@ -185,6 +196,7 @@ async fn export(api: &ApiClient, out: &Output, command: &ExportCommand) -> Resul
                     "lun": lun,
                     "read_only": read_only,
                     "allow": allow,
+                    "allow_any": allow_any,
                     "chap": credentials(chap_user, chap_secret),
                     "mutual_chap": credentials(mutual_user, mutual_secret),
                     "block_size": block_size,

@@ -60,8 +60,9 @@ struct ServeArgs {
     /// iSCSI portal: the address initiators log in to [default: 127.0.0.1:3260]
     #[arg(long, value_name = "ADDR")]
     iscsi: Option<std::net::SocketAddr>,
-    /// TOML file with data_dir, api, nbd, iscsi, pool_name, direct_io, demo and a
-    /// [connections] table (total, per_address, api_idle_timeout_ms); flags override it
+    /// TOML file with data_dir, api, nbd, iscsi, pool_name, direct_io, demo, device_dirs,
+    /// iscsi_discovery_chap_user and _secret, and a [connections] table (total,
+    /// per_address, api_idle_timeout_ms); flags override it
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Make (or reuse) four file devices in DIR [default: ./strata-demo], a volume `demo`
@@ -95,6 +96,10 @@ enum DeviceCommand {
         /// Failure domain (shelf, host, rack): copies are kept in different ones
         #[arg(long, value_name = "NAME")]
         fault_domain: Option<String>,
+        /// Overwrite what the device holds: a filesystem, partition table or other
+        /// signature, or data where Strata writes its labels (refused without it)
+        #[arg(long)]
+        force: bool,
     },
     /// Remove a device that no volume uses, wiping its labels
     Remove {
@@ -177,6 +182,10 @@ enum ExportCommand {
         /// initiator names (IQNs) for iSCSI
         #[arg(long, value_name = "CLIENT", num_args = 1..)]
         allow: Vec<String>,
+        /// iSCSI: open to every initiator, without --allow or CHAP, although the portal is
+        /// not a loopback address (such an export is refused there otherwise)
+        #[arg(long, requires = "iscsi", conflicts_with = "allow")]
+        allow_any: bool,
         /// CHAP user initiators must log in as
         #[arg(long, requires_all = ["iscsi", "chap_secret"])]
         chap_user: Option<String>,
@@ -290,6 +299,9 @@ fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<ServeConfig, String> {
         direct_io: args.direct_io.then_some(true),
         demo: args.demo.is_some().then_some(true),
         connections: None,
+        device_dirs: None,
+        iscsi_discovery_chap_user: None,
+        iscsi_discovery_chap_secret: None,
     };
     Ok(file.overridden_by(flags))
 }

@@ -132,7 +132,9 @@ fn an_added_device_is_usable_at_once_and_foreign_files_are_never_written() {
     let foreign = devices.join("not-mine.img");
     let content: Vec<u8> = (0..(64u32 << 20)).map(|i| (i % 253) as u8).collect();
     std::fs::write(&foreign, &content).unwrap();
-    let server = Server::start(&dir);
+    let config = tmp.path().join("serve.toml");
+    std::fs::write(&config, format!("device_dirs = [{:?}]\n", tmp.path().to_str().unwrap())).unwrap();
+    let server = Server::start_with(&dir, &["--config", config.to_str().unwrap()]);
     let scan = server.json(&["device", "scan"]);
     assert_eq!(scan[0]["state"], "unclaimed", "{scan}");
     assert!(std::fs::read(&foreign).unwrap() == content, "an unclaimed file was written");
@@ -147,7 +149,7 @@ fn an_added_device_is_usable_at_once_and_foreign_files_are_never_written() {
     let out = server.cli(&["device", "add", outside.to_str().unwrap()]);
     assert!(stderr(&out).contains("already belongs to pool"), "{}", stderr(&out));
     drop(server);
-    let server = Server::start(&dir);
+    let server = Server::start_with(&dir, &["--config", config.to_str().unwrap()]);
     qemu_io(&server.uri("now"), &["read -P 0x61 0 1M"]);
     let shown = server.json(&["device", "show", outside.to_str().unwrap()]);
     assert_eq!(shown["state"], "online");

@@ -97,9 +97,9 @@ fn demo_makes_a_raid10_volume_and_reuses_it() {
 
 #[test]
 fn a_missing_device_is_reported_and_its_mirror_still_serves() {
-    let (tmp, dir) = data_dir();
+    let (_tmp, dir) = data_dir();
     let server = Server::start(&dir);
-    let (a, b) = (tmp.path().join("a.img"), tmp.path().join("b.img"));
+    let (a, b) = (dir.join("devices/a.img"), dir.join("devices/b.img"));
     for path in [&a, &b] {
         server.ok(&["device", "add", path.to_str().unwrap(), "--create", "128M"]);
     }
