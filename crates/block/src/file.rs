@@ -208,7 +208,7 @@ impl FileDevice {
     fn os_error(&self, op: IoOp, offset: u64, len: u64, source: io::Error) -> IoError {
         let device = self.path.display().to_string();
         match source.raw_os_error().map(Errno::from_raw_os_error) {
-            Some(Errno::NOSPC | Errno::DQUOT) if false => IoError::NoSpace { op, device, offset, len },
+            Some(Errno::NOSPC | Errno::DQUOT) => IoError::NoSpace { op, device, offset, len },
             _ => IoError::Os { op, device, offset, len, source },
         }
     }
