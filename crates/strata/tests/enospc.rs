@@ -95,8 +95,34 @@ fn a_full_file_system_is_no_space_and_writes_resume_once_space_is_freed() {
     let (_tmp, dir) = data_dir();
     let fs = Tmpfs::mount(&dir.join("devices"), "64M");
     let server = Server::start(&dir);
-    // 384 MiB of sparse devices on a 64 MiB file system.
-    server.add_devices(3, "128M");
+    // 384 MiB of sparse devices on a 64 MiB file system: adding them says so.
+    for i in 0..3 {
+        let path = dir.join("devices").join(format!("dev{i}"));
+        let args = [
+            "device",
+            "add",
+            path.to_str().unwrap(),
+            "--create",
+            "128M",
+            "--fault-domain",
+            &format!("shelf{i}"),
+        ];
+        if i == 0 {
+            let answer = server.json(&args);
+            let warning = answer["warnings"][0].as_str().unwrap_or_default();
+            assert!(warning.contains("may grow to 128.0 MiB, but it has only"), "{answer}");
+        } else {
+            let said = server.ok(&args);
+            assert!(
+                said.contains(&format!(
+                    "Warning  The {} device files on this file system may grow to",
+                    i + 1
+                )),
+                "{said}"
+            );
+        }
+    }
+    assert!(server.log().contains("device files over-commit their file system"), "{}", server.log());
     let mirror = server.volume("m", "24M", "mirror");
     let raid5 = server.volume("r", "24M", "raid5");
     let iqn = "iqn.2026-11.io.strata:r";
