@@ -116,9 +116,11 @@ fn a_device_holding_a_filesystem_a_partition_table_or_a_binary_is_refused_unless
     }
     run("e2fsck", &["-n", "-f", ext4.to_str().unwrap()]);
     assert_eq!(server.json(&["device", "list"]), serde_json::json!([]));
-    // The scan says what they hold, too.
-    let scan = server.ok(&["device", "scan"]);
-    assert!(!scan.contains("ext4"), "only the devices folder and recorded paths are scanned: {scan}");
+    // The scan says what they hold, too (a link in the devices folder makes it look).
+    std::os::unix::fs::symlink(&ext4, dir.join("devices/ext4-link")).unwrap();
+    let scan = server.json(&["device", "scan"]);
+    assert_eq!(scan[0]["state"], "unclaimed", "{scan}");
+    assert!(scan[0]["detail"].as_str().unwrap().contains("holds an ext4 filesystem"), "{scan}");
 
     for path in [&ext4, &mbr, &elf, &data] {
         server.ok(&["device", "add", path.to_str().unwrap(), "--force"]);
@@ -164,8 +166,12 @@ fn a_mounted_or_held_block_device_is_refused_as_in_use_and_left_intact() {
     drop(held);
     // Once free it is taken, and then held by the controller: nothing else can mount it.
     server.ok(&["device", "add", &held_lo.device]);
-    let status = Command::new("mount").args([&held_lo.device, at.to_str().unwrap()]).output().unwrap();
-    assert!(!status.status.success(), "a device of the pool was mounted");
+    let again = std::fs::File::options().read(true).custom_flags(libc::O_EXCL).open(&held_lo.device);
+    assert_eq!(
+        again.err().and_then(|e| e.raw_os_error()),
+        Some(libc::EBUSY),
+        "the pool's device is not held"
+    );
     assert_eq!(server.json(&["device", "scan"])[0]["state"], "member");
     // And the ext4 one is refused for its filesystem once it is free.
     let message = refused(&server, &[&lo.device]);
