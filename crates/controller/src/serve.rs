@@ -162,8 +162,9 @@ fn raise_file_limit(caps: strata_net::listener::Caps) {
     let soft = raised.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
     let hard = limit.maximum.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
     tracing::info!(soft = %soft, hard = %hard, "limit on open files");
-    // Three listeners at their total cap, plus devices, logs and the like.
-    let wanted = 3 * caps.total as u64 + 256;
+    // Each NBD or iSCSI connection holds four descriptors (its socket and its thread's
+    // runtime, measured), an API connection one; then devices, logs and the like.
+    let wanted = (4 + 4 + 1) * caps.total as u64 + 256;
     if raised.is_some_and(|n| n < wanted) {
         tracing::warn!(
             soft = %soft,
