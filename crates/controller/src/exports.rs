@@ -1,16 +1,24 @@
 //! Exports: how volumes are offered to hosts (NBD exports, iSCSI targets and their LUNs),
 //! who may see them (allow-lists of addresses and networks for NBD, of initiator names
 //! for iSCSI), and the lookups the NBD and iSCSI servers ask.
+//!
+//! An iSCSI export with neither an allow-list nor CHAP is open to every initiator. That
+//! is allowed only while the iSCSI portal is a loopback address (the demo's case), or when
+//! the export asks for it (`allow_any`, `--allow-any`): on any other portal such an export
+//! is refused when added, and one recorded before is not served, with the reason in the
+//! listing and the log. LIO denies an initiator without an ACL by default for the same
+//! reason.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
-use strata_iscsi::{Credentials, Refusal, TargetNode};
+use strata_iscsi::{Credentials, LoginFailure, Refusal, TargetNode};
 use strata_scsi::{LogicalUnit, LunMap};
 
 use crate::controller::Controller;
+use crate::metrics::ReasonLabel;
 
 /// The frontend protocols.
 pub const NBD: &str = "nbd";
@@ -31,6 +39,10 @@ pub struct ExportRecord {
     /// Who may use it; empty means everyone. NBD: client addresses or networks
     /// (`10.0.0.5`, `10.0.0.0/24`); iSCSI: initiator names (IQNs).
     pub allow: Vec<String>,
+    /// iSCSI: open to every initiator on purpose, even without CHAP on a portal that is
+    /// not loopback (see the module's doc).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_any: bool,
     /// iSCSI: the LUN of the volume within its target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lun: Option<u64>,
@@ -65,6 +77,40 @@ impl ChapRecord {
     fn credentials(&self) -> Credentials {
         Credentials { user: self.user.clone(), secret: self.secret.clone() }
     }
+
+    /// Refuses an empty user or a secret outside RFC 7143's advice (at least 12 bytes) or
+    /// over 255 characters.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.user.is_empty() || !(12..=255).contains(&self.secret.len()) {
+            return Err(format!(
+                "CHAP user '{}': the user must not be empty and the secret must be 12 to 255 characters",
+                self.user
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `ip` is a loopback address (IPv4-mapped IPv6 included).
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        IpAddr::V4(v4) => v4.is_loopback(),
+    }
+}
+
+/// Why the iSCSI export `record` may not be served on `portal`: it names no initiators,
+/// needs no CHAP and did not ask to be open to all, and the portal is not loopback.
+pub(crate) fn open_to_all(record: &ExportRecord, portal: SocketAddr) -> Option<String> {
+    let open = record.protocol == ISCSI && record.allow.is_empty() && record.chap.is_none();
+    (open && !record.allow_any && !is_loopback(portal.ip())).then(|| {
+        format!(
+            "the iSCSI export of volume '{}' would be open to every initiator that reaches {portal}; \
+             name the initiators that may use it (--allow IQN), require CHAP (--chap-user and \
+             --chap-secret), or open it to all on purpose with --allow-any",
+            record.volume
+        )
+    })
 }
 
 /// What listings show of an export.
@@ -243,6 +289,15 @@ impl strata_iscsi::Targets for Controller {
     fn generation(&self) -> u64 {
         self.export_generation.load(Ordering::Acquire)
     }
+
+    fn discovery_chap(&self) -> Option<Credentials> {
+        self.discovery_chap.get().map(ChapRecord::credentials)
+    }
+
+    fn login_failed(&self, failure: LoginFailure) {
+        let reason = ReasonLabel { reason: failure.as_str().to_string() };
+        self.metrics.iscsi_login_failures.get_or_create(&reason).inc();
+    }
 }
 
 /// Checks an iSCSI name (RFC 3720 §3.2.6: `iqn.`, `eui.` or `naa.` forms) and returns it
@@ -284,6 +339,40 @@ mod tests {
         assert!(Network::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
         for bad in ["10.0.0.0/33", "host", "10.0.0.1/x", ""] {
             assert!(Network::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exports_open_to_all_need_a_loopback_portal_or_allow_any() {
+        let open = ExportRecord {
+            volume: "v".into(),
+            protocol: ISCSI.into(),
+            name: "iqn.2026-11.io.strata:v".into(),
+            read_only: false,
+            allow: Vec::new(),
+            allow_any: false,
+            lun: Some(0),
+            chap: None,
+            mutual_chap: None,
+            block_size: None,
+            removable: false,
+        };
+        for loopback in ["127.0.0.1:3260", "127.9.9.9:1", "[::1]:3260", "[::ffff:127.0.0.1]:3260"] {
+            assert_eq!(open_to_all(&open, loopback.parse().unwrap()), None, "{loopback}");
+        }
+        let wide: SocketAddr = "0.0.0.0:3260".parse().unwrap();
+        let why = open_to_all(&open, wide).expect("refused on 0.0.0.0");
+        assert!(why.contains("--allow-any") && why.contains("--allow IQN"), "{why}");
+        assert!(open_to_all(&open, "[::]:3260".parse().unwrap()).is_some());
+        let allowed = ExportRecord { allow: vec!["iqn.2026-11.test:h".into()], ..open.clone() };
+        let chap = ExportRecord {
+            chap: Some(ChapRecord { user: "u".into(), secret: "twelve-chars".into() }),
+            ..open.clone()
+        };
+        let any = ExportRecord { allow_any: true, ..open.clone() };
+        let nbd = ExportRecord { protocol: NBD.into(), ..open.clone() };
+        for served in [allowed, chap, any, nbd] {
+            assert_eq!(open_to_all(&served, wide), None, "{served:?}");
         }
     }
 }

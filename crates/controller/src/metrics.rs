@@ -53,6 +53,13 @@ pub struct NameLabel {
     pub name: String,
 }
 
+/// Labels of counters by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why (for iSCSI login failures: authentication, not_allowed, no_such_target).
+    pub reason: String,
+}
+
 type HistogramFamily = Family<IoLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -75,6 +82,9 @@ pub struct Metrics {
     pub nbd_connections: Gauge,
     /// Open iSCSI sessions.
     pub iscsi_sessions: Gauge,
+    /// Refused iSCSI logins, by reason: someone guessing secrets, names or targets shows
+    /// here first.
+    pub iscsi_login_failures: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -96,6 +106,12 @@ impl Default for Metrics {
         registry.register("nbd_connections", "Open NBD connections", nbd_connections.clone());
         let iscsi_sessions = Gauge::default();
         registry.register("iscsi_sessions", "Open iSCSI sessions", iscsi_sessions.clone());
+        let iscsi_login_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "iscsi_login_failures",
+            "iSCSI logins refused for their credentials, initiator name or target",
+            iscsi_login_failures.clone(),
+        );
         Self {
             registry,
             requests,
@@ -106,6 +122,7 @@ impl Default for Metrics {
             device_free_bytes,
             nbd_connections,
             iscsi_sessions,
+            iscsi_login_failures,
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod text;
 
 use std::sync::Arc;
 
+pub use login::FAILED_LOGIN_DELAY;
 pub use server::IscsiServer;
 use strata_scsi::{LogicalUnit, LunMap};
 
@@ -67,6 +68,29 @@ pub enum Refusal {
     NotAllowed,
 }
 
+/// Why a login was refused, as the controller counts it. Each is answered only after
+/// [`FAILED_LOGIN_DELAY`], so guessing secrets or names costs a second a try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// CHAP was not offered, or the user or response was wrong (discovery CHAP too).
+    Authentication,
+    /// The initiator may use no LUN of the target.
+    NotAllowed,
+    /// No target of that name.
+    NoSuchTarget,
+}
+
+impl LoginFailure {
+    /// The name used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoginFailure::Authentication => "authentication",
+            LoginFailure::NotAllowed => "not_allowed",
+            LoginFailure::NoSuchTarget => "no_such_target",
+        }
+    }
+}
+
 /// Where the server finds its targets; the controller keeps them, with allow-lists.
 pub trait Targets: Send + Sync + 'static {
     /// `target` as `initiator` may use it.
@@ -78,4 +102,20 @@ pub trait Targets: Send + Sync + 'static {
     /// A number that changes whenever any target or LUN changes, so sessions know to look
     /// their target up again.
     fn generation(&self) -> u64;
+
+    /// The credentials a discovery session must prove with CHAP before SendTargets is
+    /// answered; None leaves discovery open (it still lists only the targets an initiator
+    /// may use).
+    fn discovery_chap(&self) -> Option<Credentials> {
+        None
+    }
+
+    /// Told of every refused login (after its delay), so it can be counted.
+    fn login_failed(&self, _failure: LoginFailure) {}
+
+    /// How long a refused login waits before its answer goes out; only the connection
+    /// that failed waits (each has its own thread).
+    fn failed_login_delay(&self) -> std::time::Duration {
+        FAILED_LOGIN_DELAY
+    }
 }

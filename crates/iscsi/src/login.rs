@@ -9,10 +9,14 @@
 //! ```
 //!
 //! A login that starts in the operational stage skips security, which only a target
-//! without CHAP allows. Every refusal is a Login Response with a status class and detail,
-//! after which the connection closes.
+//! without CHAP allows (and a discovery session only when no discovery CHAP is set).
+//! Every refusal is a Login Response with a status class and detail, after which the
+//! connection closes; a refusal for a wrong secret, a name not allowed or a target not
+//! found goes out only after [`FAILED_LOGIN_DELAY`] and is counted, so an initiator that
+//! guesses gets one try a second per connection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,7 +26,7 @@ use crate::negotiate::{Parameters, ours};
 use crate::pdu::{self, Digests, Pdu, op};
 use crate::session::Sessions;
 use crate::text::Pairs;
-use crate::{Credentials, Refusal, TargetNode, Targets};
+use crate::{Credentials, LoginFailure, Refusal, TargetNode, Targets};
 
 /// Login status (class, detail) pairs (RFC 7143 §11.13.5).
 pub mod status {
@@ -55,6 +59,11 @@ const CONTINUE: u8 = 0x40;
 
 /// Commands a session may have queued beyond ExpCmdSN.
 pub const COMMAND_WINDOW: u32 = 128;
+
+/// How long a login refused for its credentials, its name or its target waits before the
+/// answer goes out (LIO and tgt answer at once, which let an initiator try 500 secrets a
+/// second).
+pub const FAILED_LOGIN_DELAY: Duration = Duration::from_secs(1);
 
 /// What kind of session a login opened.
 #[derive(Clone)]
@@ -91,7 +100,7 @@ pub enum LoginError {
     #[error("{0}")]
     Protocol(String),
     /// The login was refused with a status (already sent).
-    #[error("login refused ({class:#04x}/{detail:#04x}): {why}")]
+    #[error("login of '{initiator}' refused ({class:#04x}/{detail:#04x}): {why}")]
     Refused {
         /// Status class.
         class: u8,
@@ -99,6 +108,8 @@ pub enum LoginError {
         detail: u8,
         /// What was wrong.
         why: String,
+        /// The initiator's name, as it gave it (empty if it gave none).
+        initiator: String,
     },
 }
 
@@ -125,6 +136,8 @@ struct Login {
     isid: [u8; 6],
     itt: u32,
     kind: SessionKind,
+    /// What the initiator must prove, and what the target answers a mutual challenge with.
+    chap: Option<(Credentials, Option<Credentials>)>,
     security: Security,
     params: Parameters,
     declared: bool,
@@ -143,7 +156,13 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let first = read_pdu(stream, input).await?;
     let mut login = match start(&first, ctx) {
         Ok(login) => login,
-        Err((status, why)) => return Err(refuse(stream, &first, status, why, 0).await),
+        Err((status, why)) => {
+            let initiator = Pairs::parse(&first.data)
+                .ok()
+                .and_then(|p| p.get("InitiatorName").map(String::from))
+                .unwrap_or_default();
+            return Err(refuse(stream, ctx, &first, (status, why), &initiator, 0).await);
+        }
     };
     let mut pdu = first;
     let mut text = Vec::new();
@@ -159,7 +178,8 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         let offered = match Pairs::parse(&text) {
             Ok(p) => p,
             Err(e) => {
-                return Err(refuse(stream, &pdu, status::INITIATOR_ERROR, e.to_string(), login.stat_sn).await);
+                let failed = (status::INITIATOR_ERROR, e.to_string());
+                return Err(refuse(stream, ctx, &pdu, failed, &login.initiator, login.stat_sn).await);
             }
         };
         text.clear();
@@ -182,7 +202,9 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 write(stream, &reply).await?;
             }
-            Err((status, why)) => return Err(refuse(stream, &pdu, status, why, login.stat_sn).await),
+            Err(failed) => {
+                return Err(refuse(stream, ctx, &pdu, failed, &login.initiator, login.stat_sn).await);
+            }
         }
         pdu = next_login_pdu(stream, input, &login).await?;
     }
@@ -265,10 +287,11 @@ fn start(pdu: &Pdu, ctx: &LoginContext<'_>) -> Result<Login, Failed> {
         }
         other => return Err((status::INITIATOR_ERROR, format!("unknown SessionType '{other}'"))),
     };
-    let security = match &kind {
-        SessionKind::Normal(target) if target.chap.is_some() => Security::Chap(Chap::Start),
-        _ => Security::Open,
+    let chap = match &kind {
+        SessionKind::Normal(target) => target.chap.clone().map(|c| (c, target.mutual.clone())),
+        SessionKind::Discovery => ctx.targets.discovery_chap().map(|c| (c, None)),
     };
+    let security = if chap.is_some() { Security::Chap(Chap::Start) } else { Security::Open };
     let mut isid = [0; 6];
     isid.copy_from_slice(&pdu.header[8..14]);
     Ok(Login {
@@ -276,6 +299,7 @@ fn start(pdu: &Pdu, ctx: &LoginContext<'_>) -> Result<Login, Failed> {
         isid,
         itt: pdu.itt(),
         kind,
+        chap,
         security,
         params: Parameters::default(),
         declared: false,
@@ -291,10 +315,6 @@ impl Login {
             SessionKind::Normal(t) => Some(t),
             SessionKind::Discovery => None,
         }
-    }
-
-    fn credentials(&self) -> Option<(&Credentials, Option<&Credentials>)> {
-        self.target().and_then(|t| t.chap.as_ref().map(|c| (c, t.mutual.as_ref())))
     }
 
     /// Handles one complete set of keys; returns the answer and whether the stage ends.
@@ -346,11 +366,10 @@ impl Login {
             };
             answer.push("AuthMethod", chosen);
         }
-        let credentials = self.credentials().map(|(c, m)| (c.clone(), m.cloned()));
-        if let (Security::Chap(chap), Some((initiator, mutual))) = (&mut self.security, credentials)
+        if let (Security::Chap(chap), Some((initiator, mutual))) = (&mut self.security, &self.chap)
             && (offered.get("CHAP_A").is_some() || offered.get("CHAP_N").is_some())
         {
-            chap.step(offered, answer, &initiator, mutual.as_ref()).map_err(|e| {
+            chap.step(offered, answer, initiator, mutual.as_ref()).map_err(|e| {
                 let status = match e {
                     ChapError::Malformed(_) => status::INITIATOR_ERROR,
                     _ => status::AUTHENTICATION_FAILED,
@@ -394,14 +413,32 @@ impl Login {
     }
 }
 
-/// Sends a Login Response with a failure status and returns the error to end with.
+/// The failures that are delayed and counted: those an initiator guessing secrets, names
+/// or targets would see.
+fn counted(status: (u8, u8)) -> Option<LoginFailure> {
+    match status {
+        status::AUTHENTICATION_FAILED => Some(LoginFailure::Authentication),
+        status::AUTHORIZATION_FAILURE => Some(LoginFailure::NotAllowed),
+        status::NOT_FOUND => Some(LoginFailure::NoSuchTarget),
+        _ => None,
+    }
+}
+
+/// Sends a Login Response with a failure status (after the delay, for the failures that
+/// are counted) and returns the error to end with.
 async fn refuse<S: AsyncWrite + Unpin>(
     stream: &mut S,
+    ctx: &LoginContext<'_>,
     request: &Pdu,
-    (class, detail): (u8, u8),
-    why: String,
+    ((class, detail), why): Failed,
+    initiator: &str,
     stat_sn: u32,
 ) -> LoginError {
+    if let Some(failure) = counted((class, detail)) {
+        // Only this connection's thread waits; the others go on serving.
+        tokio::time::sleep(ctx.targets.failed_login_delay()).await;
+        ctx.targets.login_failed(failure);
+    }
     let mut pdu = Pdu::new(op::LOGIN_RESPONSE);
     pdu.header[8..14].copy_from_slice(&request.header[8..14]);
     pdu.set_u32(16, request.itt());
@@ -413,11 +450,92 @@ async fn refuse<S: AsyncWrite + Unpin>(
     if let Err(e) = write(stream, &pdu).await {
         return e.into();
     }
-    LoginError::Refused { class, detail, why }
+    LoginError::Refused { class, detail, why, initiator: initiator.to_string() }
 }
 
 async fn write<S: AsyncWrite + Unpin>(stream: &mut S, pdu: &Pdu) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     pdu::encode(&mut out, pdu, Digests::default());
     stream.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use super::*;
+
+    /// No targets; discovery needs CHAP; refusals are counted and wait 200 ms.
+    #[derive(Default)]
+    struct Guarded {
+        failures: AtomicUsize,
+    }
+
+    impl Targets for Guarded {
+        fn lookup(&self, _: &str, _: &str) -> Result<Arc<TargetNode>, Refusal> {
+            Err(Refusal::NotFound)
+        }
+        fn list(&self, _: &str) -> Vec<Arc<TargetNode>> {
+            Vec::new()
+        }
+        fn generation(&self) -> u64 {
+            0
+        }
+        fn discovery_chap(&self) -> Option<Credentials> {
+            Some(Credentials { user: "finder".into(), secret: "finder-secret".into() })
+        }
+        fn login_failed(&self, _: LoginFailure) {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        fn failed_login_delay(&self) -> Duration {
+            Duration::from_millis(200)
+        }
+    }
+
+    /// Sends one login PDU straight to the full feature phase (no security stage) and
+    /// returns the status of the answer and how long it took.
+    async fn login_without_chap(targets: &Guarded, keys: &[(&str, &str)]) -> ((u8, u8), Duration) {
+        let (mut initiator, mut target) = tokio::io::duplex(1 << 16);
+        let mut pdu = Pdu::new(op::LOGIN);
+        pdu.header[1] = TRANSIT | (stage::OPERATIONAL << 2) | stage::FULL_FEATURE;
+        pdu.data = Pairs(keys.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).encode().into();
+        write(&mut initiator, &pdu).await.unwrap();
+        let sessions = Sessions::default();
+        let ctx = LoginContext { targets, sessions: &sessions };
+        let started = Instant::now();
+        let result = login(&mut target, &mut BytesMut::new(), &ctx).await;
+        let elapsed = started.elapsed();
+        let Err(LoginError::Refused { class, detail, initiator: name, .. }) = result else {
+            panic!("the login must be refused");
+        };
+        assert_eq!(name, "iqn.2026-11.test:h");
+        let mut answer = BytesMut::new();
+        initiator.read_buf(&mut answer).await.unwrap();
+        assert_eq!((answer[36], answer[37]), (class, detail), "the refusal was sent");
+        ((class, detail), elapsed)
+    }
+
+    #[tokio::test]
+    async fn refusals_wait_and_are_counted_and_discovery_needs_chap() {
+        let targets = Guarded::default();
+        let discovery = [("InitiatorName", "iqn.2026-11.test:h"), ("SessionType", "Discovery")];
+        let (status, waited) = login_without_chap(&targets, &discovery).await;
+        assert_eq!(status, status::AUTHENTICATION_FAILED, "discovery without CHAP");
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        let normal = [("InitiatorName", "iqn.2026-11.test:h"), ("TargetName", "iqn.2026-11.test:none")];
+        let (status, waited) = login_without_chap(&targets, &normal).await;
+        assert_eq!(status, status::NOT_FOUND);
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert_eq!(targets.failures.load(Ordering::Relaxed), 2);
+        // A malformed login is not a guess: answered at once, not counted.
+        let (status, waited) = login_without_chap(
+            &targets,
+            &[("InitiatorName", "iqn.2026-11.test:h"), ("SessionType", "Other")],
+        )
+        .await;
+        assert_eq!(status, status::INITIATOR_ERROR);
+        assert!(waited < Duration::from_millis(200), "{waited:?}");
+        assert_eq!(targets.failures.load(Ordering::Relaxed), 2);
+    }
 }

@@ -112,8 +112,8 @@ impl IscsiServer {
                 let account = Account::connection(&self.budget);
                 connection::serve(stream, input, login, &shared, shutdown, account).await;
             }
-            Ok(Err(LoginError::Refused { class, detail, why })) => {
-                tracing::warn!(%peer, class, detail, %why, "iSCSI login refused")
+            Ok(Err(LoginError::Refused { class, detail, why, initiator })) => {
+                tracing::warn!(%peer, %initiator, class, detail, %why, "iSCSI login refused")
             }
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "iSCSI login ended"),
             Err(_) => tracing::warn!(%peer, "iSCSI login timed out"),
