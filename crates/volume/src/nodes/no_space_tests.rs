@@ -140,3 +140,48 @@ async fn a_parity_member_out_of_space_leaves_a_stale_row_repaired_at_flush() {
         .set_plan(FaultPlan { seed: 0, rules: vec![FaultRule::always(OpFilter::Reads, FaultAction::Error)] });
     assert_eq!(node.read(0, 8192).await.unwrap(), [fill(0x22, 4096), fill(0x11, 4096)].concat());
 }
+
+#[tokio::test]
+async fn bitmap_copies_out_of_space_are_tried_again() {
+    let copies = [faulty("b0"), faulty("b1")];
+    let legs: Vec<Arc<dyn BlockIo>> = vec![faulty("l0"), faulty("l1")];
+    let mirror = Mirror::new(legs, REGION, copies.iter().map(|c| c.clone() as Arc<dyn BlockIo>).collect());
+    mirror.initialize().await.unwrap();
+    copies.iter().for_each(|c| c.set_plan(no_space()));
+    // The region's bit cannot be recorded: the write fails before any data moves.
+    let err = mirror.write(0, fill(1, 4096), Durability::Cached).await.unwrap_err();
+    assert!(err.is_no_space(), "{err}");
+    assert!(mirror.health().failed.is_empty());
+    copies.iter().for_each(|c| c.set_plan(FaultPlan::default()));
+    mirror.write(0, fill(1, 4096), Durability::Cached).await.unwrap();
+    assert_eq!(mirror.read(0, 4096).await.unwrap(), fill(1, 4096));
+}
+
+#[tokio::test]
+async fn a_resync_out_of_space_leaves_the_leg_lagging_instead_of_failing_the_open() {
+    let size = 2 << 20;
+    let legs: Vec<Arc<FaultyDevice>> = (0..2)
+        .map(|i| FaultyDevice::new("l", MemDevice::new(format!("l{i}"), size, 4096), FaultPlan::default()))
+        .collect();
+    let as_io = || legs.iter().map(|l| l.clone() as Arc<dyn BlockIo>).collect::<Vec<_>>();
+    let copies = bitmap_copies(2);
+    let before = Mirror::new(as_io(), REGION, copies.clone());
+    before.initialize().await.unwrap();
+    // Reads of 1 MiB and on prefer leg 1. A crash left leg 1 without the last write there.
+    before.write(1 << 20, fill(7, 8192), Durability::Cached).await.unwrap();
+    legs[1].write(1 << 20, fill(0, 8192), Durability::Cached).await.unwrap();
+    drop(before);
+
+    legs[1].set_plan(no_space());
+    let after = Mirror::new(as_io(), REGION, copies);
+    assert_eq!(after.recover().await.unwrap(), 1, "one dirty region");
+    assert!(after.health().failed.is_empty());
+    assert_eq!(after.read(1 << 20, 8192).await.unwrap(), fill(7, 8192), "read from the leg resynced from");
+    legs[1].set_plan(FaultPlan::default());
+    after.flush().await.unwrap();
+    assert_eq!(legs[1].read(1 << 20, 8192).await.unwrap(), fill(7, 8192));
+    for _ in 0..2 {
+        after.flush().await.unwrap();
+    }
+    assert_eq!(after.health().dirty_regions, 0);
+}
