@@ -88,6 +88,9 @@ fn assert_nothing_failed(server: &Server) {
     for d in server.json(&["device", "list"]).as_array().unwrap() {
         assert_eq!(d["state"], "online", "{d}");
     }
+    let status = server.json(&["status"]);
+    assert_eq!(status["volumes"]["healthy"], 2, "{status}");
+    assert_eq!(status["devices"]["online"], 3, "{status}");
 }
 
 #[test]
