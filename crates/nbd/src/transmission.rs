@@ -358,6 +358,8 @@ async fn reply<W: AsyncWrite + Unpin>(
         Outcome::Failed(code, message) => {
             if code == errno::EIO {
                 tracing::error!(export = %session.export.name, kind = request.kind, offset = request.offset, %message, "request failed");
+            } else if code == errno::ENOSPC {
+                tracing::warn!(export = %session.export.name, kind = request.kind, offset = request.offset, %message, "no space left for the request");
             }
             if structured {
                 proto::error_chunk(output, cookie, code, &message);

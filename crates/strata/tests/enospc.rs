@@ -167,6 +167,7 @@ fn a_full_file_system_is_no_space_and_writes_resume_once_space_is_freed() {
     assert_eq!((answer.status, &answer.data[..]), (0, &[0xa2; 64 << 10][..]));
 
     assert_nothing_failed(&server);
+    assert!(server.log().contains("no space left for the request"), "{}", server.log());
     qemu_io(&mirror, &["read -P 0xa1 0 4M"]);
     qemu_io(&raid5, &["read -P 0xa2 0 4M"]);
 
