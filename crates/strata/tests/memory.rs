@@ -111,6 +111,16 @@ fn clients_that_never_read_hold_bounded_memory_and_cannot_delay_others_or_sigter
     // Warm both paths up, so idle counts what a served connection costs anyway.
     nbd_latency(&server.nbd, "flood").unwrap();
     iscsi_latency(&server.iscsi, iqn).unwrap();
+    // Reads larger than a connection's budget still run, one after the other.
+    let mut big = nbd_connect(&server.nbd, "flood");
+    let largest = 32 << 20;
+    big.write_all(&[nbd_read_request(1, 0, largest), nbd_read_request(2, 0, largest)].concat()).unwrap();
+    for _ in 0..2 {
+        let mut reply = vec![0u8; 16 + largest as usize];
+        big.read_exact(&mut reply).expect("a 32 MiB read is answered");
+        assert_eq!(reply[4..8], [0; 4], "the 32 MiB read succeeded");
+    }
+    drop(big);
     let idle = rss(pid);
 
     let blocks = READ_LEN / 4096;
