@@ -129,6 +129,10 @@ fn the_data_directory_and_its_secrets_are_private() {
     for file in ["token", "controller.json", "endpoints.json"] {
         assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
     }
+    // The demo's device files hold every volume's data (made by `device add --create`).
+    for i in 0..4 {
+        assert_eq!(mode(&dir.join(format!("devices/device{i}"))), 0o600, "the demo's device{i}");
+    }
     // A CHAP secret is written into controller.json, which stays 0600 and is replaced whole.
     server.ok(&["volume", "create", "secret", "--size", "16M"]);
     server.ok(&["export", "add", "secret", "--iscsi", "--chap-user", "alice", "--chap-secret", SECRET]);
