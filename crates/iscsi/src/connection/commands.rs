@@ -271,6 +271,13 @@ impl Connection<'_> {
             (0, 0)
         };
         let status_in_data = outcome.sense.is_none() && sent > 0;
+        // Data-In holds only what is sent: a command that produced more than its expected
+        // transfer length (and its charge) does not keep its whole buffer queued.
+        let data = if sent < outcome.data.len() {
+            Bytes::copy_from_slice(&outcome.data[..sent])
+        } else {
+            outcome.data
+        };
         let mut offset = 0usize;
         let mut data_sn = 0u32;
         let segment = self.params.max_send_data_segment_length as usize;
@@ -285,7 +292,7 @@ impl Connection<'_> {
             pdu.set_u32(20, NO_TAG);
             pdu.set_u32(36, data_sn);
             pdu.set_u32(40, len32(offset));
-            let chunk = outcome.data.slice(offset..offset + len);
+            let chunk = data.slice(offset..offset + len);
             if last && status_in_data {
                 pdu.header[1] |= ACK_STATUS | residual_flag;
                 pdu.header[3] = outcome.status as u8;
