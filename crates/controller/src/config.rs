@@ -97,7 +97,20 @@ impl ServeConfig {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config file {}: {}", path.display(), one_line(&e)))
+        let config: Self =
+            toml::from_str(&text).map_err(|e| format!("config file {}: {}", path.display(), one_line(&e)))?;
+        if config.iscsi_discovery_chap_secret.is_some() {
+            use std::os::unix::fs::MetadataExt;
+            let mode = std::fs::metadata(path).map(|m| m.mode() & 0o777).unwrap_or(0);
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    mode = format!("{mode:04o}"),
+                    "the config file holds iscsi_discovery_chap_secret and group or others may read it; run `chmod 600` on it"
+                );
+            }
+        }
+        Ok(config)
     }
 
     /// `other`'s settings where it has them, ours elsewhere.
@@ -113,7 +126,9 @@ impl ServeConfig {
             device_dirs: other.device_dirs.or(self.device_dirs),
             connections: other.connections.or(self.connections),
             iscsi_discovery_chap_user: other.iscsi_discovery_chap_user.or(self.iscsi_discovery_chap_user),
-            iscsi_discovery_chap_secret: other.iscsi_discovery_chap_secret.or(self.iscsi_discovery_chap_secret),
+            iscsi_discovery_chap_secret: other
+                .iscsi_discovery_chap_secret
+                .or(self.iscsi_discovery_chap_secret),
         }
     }
 
@@ -127,7 +142,10 @@ impl ServeConfig {
                 chap.check().map_err(|e| format!("iscsi_discovery_chap_user and _secret: {e}"))?;
                 Ok(Some(chap))
             }
-            _ => Err("iscsi_discovery_chap_user and iscsi_discovery_chap_secret go together: set both or neither".into()),
+            _ => Err(
+                "iscsi_discovery_chap_user and iscsi_discovery_chap_secret go together: set both or neither"
+                    .into(),
+            ),
         }
     }
 }

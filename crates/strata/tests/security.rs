@@ -285,6 +285,10 @@ fn discovery_with_chap_answers_only_initiators_that_prove_it() {
     let iqn = "iqn.2026-11.io.strata:found";
     server.ok(&["export", "add", "v", "--iscsi", "--iqn", iqn, "--allow", HOST1]);
     let portal = &server.iscsi;
+    assert!(
+        server.log().contains("run `chmod 600` on it"),
+        "a readable config file with a secret is warned of"
+    );
 
     let (ok, listed) = tool("iscsi-ls", &["-i", HOST1, &format!("iscsi://{portal}")]);
     assert!(!ok && !listed.contains(iqn), "listed without discovery CHAP: {listed}");
