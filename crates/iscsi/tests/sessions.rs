@@ -146,3 +146,34 @@ async fn a_login_with_the_same_isid_reinstates_the_session() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_initiator_that_stops_reading_is_dropped_by_keep_alive() {
+    let (addr, _stop) = server(Duration::from_millis(200), Duration::from_millis(400)).await;
+    let mut s = login(&addr, [0x80, 0, 0, 0, 0, 4]).await;
+    // 32 reads of 1 MiB (the whole unit), immediate, and then no byte read: more than the
+    // socket buffers hold, so the target's writes block.
+    let reads = 32u32;
+    for itt in 0..reads {
+        let mut h = header(0x01 | 0x40);
+        h[1] = 0x80 | 0x40; // final, read
+        h[16..20].copy_from_slice(&itt.to_be_bytes());
+        h[20..24].copy_from_slice(&(1u32 << 20).to_be_bytes());
+        h[24..28].copy_from_slice(&2u32.to_be_bytes());
+        h[32..42].copy_from_slice(&[0x28, 0, 0, 0, 0, 0, 0, 1, 0, 0]); // READ(10), 256 blocks
+        send(&mut s, h, &[]).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Long past keep-alive's interval and timeout: the target has given up on this
+    // initiator, and what it could not send is gone.
+    let mut answered = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some((h, _)) = read(&mut s).await {
+            let status = (h[0] & 0x3f == 0x25 && h[1] & 0x01 != 0) || h[0] & 0x3f == 0x21;
+            answered += u32::from(status);
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the target closed the connection");
+    assert!(answered < reads, "{answered} of {reads} reads answered: the target waited for the initiator");
+}

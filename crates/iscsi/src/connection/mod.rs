@@ -13,8 +13,9 @@
 //! order, and the connection reads no more from the socket (unless a write still waits
 //! for its Data-Out) until replies have gone out. Writes race with reading, completions,
 //! keep-alive and shutdown in one `select!`; an initiator that takes no byte for
-//! `SEND_TIMEOUT` (or `SHUTDOWN_GRACE` once the connection closes) is dropped, after the
-//! commands it started have finished.
+//! `SEND_TIMEOUT` or the keep-alive's interval and timeout, whichever is shorter (or
+//! `SHUTDOWN_GRACE` once the connection closes), is dropped, after the commands it
+//! started have finished.
 //!
 //! At ErrorRecoveryLevel 0 a protocol error (a bad digest, a PDU too long, immediate
 //! data beyond what was negotiated) is answered with a Reject and ends the connection.
@@ -253,9 +254,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             && (conn.parked.is_empty() || !conn.receiving.is_empty())
             && (conn.output.len() as u64) < OUTBOX_LIMIT;
         let sending = writable && !conn.output.is_empty();
+        // An initiator that takes no byte for as long as keep-alive allows is as gone as
+        // one that does not answer a ping (which, unread, it cannot).
+        let patience = SEND_TIMEOUT.min(shared.keepalive.interval + shared.keepalive.timeout);
         let send_by = match conn.stop_by {
-            Some(stop_by) => stop_by.min(last_sent + SEND_TIMEOUT),
-            None => last_sent + SEND_TIMEOUT,
+            Some(stop_by) => stop_by.min(last_sent + patience),
+            None => last_sent + patience,
         };
         let ping_by = match conn.ping {
             Some((_, sent)) => sent + shared.keepalive.timeout,
