@@ -52,7 +52,13 @@ impl IscsiServer {
     }
 
     fn build(targets: Arc<dyn Targets>, keepalive: Keepalive, budget: Arc<Budget>) -> Arc<Self> {
-        Arc::new(Self { targets, sessions: Arc::default(), connections: AtomicUsize::new(0), keepalive, budget })
+        Arc::new(Self {
+            targets,
+            sessions: Arc::default(),
+            connections: AtomicUsize::new(0),
+            keepalive,
+            budget,
+        })
     }
 
     /// Connections open now (logging in or in the full feature phase).
