@@ -126,9 +126,12 @@ fn probe_window(w: &Window) -> Vec<Signature> {
         add("exfat", "an exFAT filesystem", 3);
     }
     let boot_sector = w.is(510, &[0x55, 0xaa]);
-    let fat = boot_sector && (w.is(54, b"FAT12   ") || w.is(54, b"FAT16   ") || w.is(82, b"FAT32   "));
-    if fat {
-        add("vfat", "a FAT filesystem", 54);
+    let fat = [(54, b"FAT12   "), (54, b"FAT16   "), (82, b"FAT32   ")]
+        .into_iter()
+        .find(|(at, magic)| boot_sector && w.is(*at, *magic))
+        .map(|(at, _)| at);
+    if let Some(at) = fat {
+        add("vfat", "a FAT filesystem", at);
     }
     if w.is(32769, b"CD001") {
         add("iso9660", "an ISO 9660 filesystem", 32769);
@@ -148,7 +151,7 @@ fn probe_window(w: &Window) -> Vec<Signature> {
     {
         add("gpt", "a GPT partition table (its backup header)", w.size - at);
     }
-    let filesystem_at_zero = fat || w.is(3, b"NTFS    ") || w.is(3, b"EXFAT   ");
+    let filesystem_at_zero = fat.is_some() || w.is(3, b"NTFS    ") || w.is(3, b"EXFAT   ");
     if boot_sector && gpt.is_none() && !filesystem_at_zero && mbr_entries_valid(w) {
         add("dos", "an MBR partition table", 510);
     }

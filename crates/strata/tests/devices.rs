@@ -87,6 +87,10 @@ fn a_device_holding_a_filesystem_a_partition_table_or_a_binary_is_refused_unless
     )
     .unwrap();
     assert!(run("wipefs", &["-n", mbr.to_str().unwrap()]).contains("dos"));
+    // Swap space, as mkswap makes it.
+    let swap = images.join("swap.img");
+    sparse(&swap, 64 << 20);
+    run("mkswap", &["-q", swap.to_str().unwrap()]);
     // A copy of a program, made long enough to hold a pool's labels.
     let elf = images.join("ls.copy");
     std::fs::copy("/bin/ls", &elf).unwrap();
@@ -101,17 +105,19 @@ fn a_device_holding_a_filesystem_a_partition_table_or_a_binary_is_refused_unless
     )
     .unwrap();
 
-    let before: Vec<Vec<u8>> = [&ext4, &mbr, &elf, &data].iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let all = [&ext4, &mbr, &swap, &elf, &data];
+    let before: Vec<Vec<u8>> = all.iter().map(|p| std::fs::read(p).unwrap()).collect();
     for (path, named) in [
         (&ext4, "holds an ext4 filesystem"),
         (&mbr, "holds an MBR partition table"),
+        (&swap, "holds swap space"),
         (&elf, "holds an ELF executable"),
         (&data, "holds data where Strata writes its labels"),
     ] {
         let message = refused(&server, &[path.to_str().unwrap()]);
         assert!(message.contains(named) && message.contains("--force"), "{path:?}: {message}");
     }
-    for (path, old) in [&ext4, &mbr, &elf, &data].iter().zip(&before) {
+    for (path, old) in all.iter().zip(&before) {
         assert!(std::fs::read(path).unwrap() == *old, "{path:?} was written");
     }
     run("e2fsck", &["-n", "-f", ext4.to_str().unwrap()]);
@@ -122,10 +128,10 @@ fn a_device_holding_a_filesystem_a_partition_table_or_a_binary_is_refused_unless
     assert_eq!(scan[0]["state"], "unclaimed", "{scan}");
     assert!(scan[0]["detail"].as_str().unwrap().contains("holds an ext4 filesystem"), "{scan}");
 
-    for path in [&ext4, &mbr, &elf, &data] {
+    for path in all {
         server.ok(&["device", "add", path.to_str().unwrap(), "--force"]);
     }
-    assert_eq!(server.json(&["device", "list"]).as_array().unwrap().len(), 4);
+    assert_eq!(server.json(&["device", "list"]).as_array().unwrap().len(), all.len());
     let uri = server.volume("v", "16M", "linear");
     qemu_io(&uri, &["write -P 0x42 0 1M", "read -P 0x42 0 1M"]);
 }
