@@ -248,6 +248,17 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<Request>, FramingErro
     Ok(Some(Request { flags, kind, cookie, offset, length, data }))
 }
 
+/// The payload length of a write whose header is at the front of `buf` but whose payload
+/// has not all arrived, so the server can charge it before reading the rest.
+pub fn incoming_payload(buf: &[u8]) -> Option<u32> {
+    if buf.len() < REQUEST_HEADER {
+        return None;
+    }
+    let kind = u16::from_be_bytes([buf[6], buf[7]]);
+    let length = u32::from_be_bytes([buf[24], buf[25], buf[26], buf[27]]);
+    (kind == cmd::WRITE && buf.len() < REQUEST_HEADER + length as usize).then_some(length)
+}
+
 /// Appends a simple reply header (the data of a read follows it).
 pub fn simple_reply(out: &mut BytesMut, cookie: u64, error: u32) {
     out.put_u32(SIMPLE_REPLY_MAGIC);

@@ -71,6 +71,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut unsent = 0u64;
     // A request decoded but not started: its charge does not fit yet.
     let mut waiting: Option<(Request, Full)> = None;
+    // The charge of a write whose payload is still arriving (taken before reading it).
+    let mut prepaid = 0u64;
+    // Which budget keeps that payload from being read.
+    let mut stalled: Option<Full> = None;
     let export = &session.export;
     loop {
         while let Some(Some((request, outcome))) = in_flight.next().now_or_never() {
@@ -98,7 +102,18 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         break;
                     }
                     Ok(Some(request)) => request,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        stalled = None;
+                        if prepaid == 0
+                            && let Some(length) = proto::incoming_payload(&input)
+                        {
+                            match account.try_charge(u64::from(length)) {
+                                Ok(()) => prepaid = u64::from(length),
+                                Err(full) => stalled = Some(full),
+                            }
+                        }
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!(export = %export.name, error = %e, "client broke framing; disconnecting");
                         reading = false;
@@ -106,8 +121,15 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 },
             };
-            match account.try_charge(weight(&request)) {
-                Ok(()) => {
+            let charged = if prepaid > 0 {
+                // The write whose payload was charged as it arrived.
+                debug_assert_eq!(prepaid, weight(&request));
+                Ok(std::mem::take(&mut prepaid))
+            } else {
+                account.try_charge(weight(&request)).map(|()| 0)
+            };
+            match charged {
+                Ok(_) => {
                     requests += 1;
                     in_flight.push(start(export, &session, request));
                 }
@@ -126,8 +148,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if !reading && in_flight.is_empty() {
             break;
         }
-        let room = waiting.is_none() && requests < MAX_IN_FLIGHT;
-        let shared_full = matches!(waiting, Some((_, Full::Controller)));
+        let room = waiting.is_none() && stalled.is_none() && requests < MAX_IN_FLIGHT;
+        let shared_full = matches!(waiting, Some((_, Full::Controller))) || stalled == Some(Full::Controller);
         tokio::select! {
             biased;
             Some((request, outcome)) = in_flight.next(), if !in_flight.is_empty() => {

@@ -14,6 +14,8 @@ use common::{Server, data_dir};
 
 /// Clients that never read, on each protocol.
 const FLOODERS: usize = 10;
+/// NBD clients that send all but the last block of a 32 MiB write, and no more.
+const STALLED_WRITERS: usize = 5;
 /// 8 MiB reads each of them asks for (512 MiB per connection if nothing bounded them).
 const READS_EACH: u64 = 64;
 const READ_LEN: u32 = 8 << 20;
@@ -135,6 +137,24 @@ fn clients_that_never_read_hold_bounded_memory_and_cannot_delay_others_or_sigter
         s.write_all(&requests).unwrap();
         flooders.push(s);
     }
+    let mut writers = Vec::new();
+    for _ in 0..STALLED_WRITERS {
+        let s = nbd_connect(&server.nbd, "flood");
+        let mut sending = s.try_clone().unwrap();
+        writers.push(std::thread::spawn(move || {
+            let length = 32u32 << 20;
+            let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+            m.extend_from_slice(&0u16.to_be_bytes());
+            m.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+            m.extend_from_slice(&7u64.to_be_bytes());
+            m.extend_from_slice(&0u64.to_be_bytes());
+            m.extend_from_slice(&length.to_be_bytes());
+            m.resize(m.len() + length as usize - 4096, 0x77);
+            // The server may stop reading: then this times out, which is the point.
+            let _ = sending.write_all(&m);
+        }));
+        flooders.push(s);
+    }
     for c in 0..FLOODERS as u64 {
         let mut s = Initiator::login(&server.iscsi, iqn, INITIATOR, false).unwrap();
         for i in 0..READS_EACH {
@@ -180,6 +200,9 @@ fn clients_that_never_read_hold_bounded_memory_and_cannot_delay_others_or_sigter
     };
     let stopping = started.elapsed();
     drop(flooders);
+    for writer in writers {
+        writer.join().unwrap();
+    }
 
     let grown = peak.saturating_sub(idle);
     eprintln!(

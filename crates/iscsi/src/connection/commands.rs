@@ -30,6 +30,11 @@ const OVERFLOW: u8 = 0x04;
 impl Connection<'_> {
     pub(super) fn scsi_command(&mut self, pdu: Pdu) {
         if !self.parked.is_empty() {
+            if self.receiving.len() + self.executing.len() + self.parked.len() >= MAX_TASKS {
+                let outcome = Outcome { status: Status::TaskSetFull, data: Bytes::new(), sense: None };
+                self.respond(pdu.itt(), outcome, pdu.u32_at(20), false, 0);
+                return;
+            }
             // Behind commands waiting for the budget: keep the initiator's order.
             self.parked.push_back(pdu);
             return;
