@@ -75,8 +75,9 @@ impl Geometry {
 /// - **Visibility.** Once `write`, `discard` or `write_zeroes` has completed, every later
 ///   `read` of that range by any caller returns the new contents. Requests that are in
 ///   flight at the same time are not ordered with each other: if two overlapping writes
-///   are in flight together the result is one of them per block, and a caller that needs
-///   an order waits for the first to complete.
+///   are in flight together the result is one of them per block (the same one for every
+///   later read: mirror and parity nodes order them alike on every copy), and a caller
+///   that needs an order waits for the first to complete.
 /// - **Durability.** A completed write is durable (survives a crash or power loss) only
 ///   when it was issued with [`Durability::Fua`], or once a `flush` that was *issued after
 ///   the write completed* has completed. A crash may lose any other write, or tear it: a
