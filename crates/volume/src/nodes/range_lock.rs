@@ -7,15 +7,16 @@
 //! each other.
 //!
 //! ```text
-//!   asked:   A [0, 64K)   B [32K, 96K)   C [128K, 192K)   D [0, 8K)
+//!   asked:   A [0, 64K)   B [32K, 96K)   C [128K, 192K)   D [40K, 48K)
 //!   granted: A at once    B after A      C at once        D after A and B
 //! ```
 //!
 //! A request waits for every earlier request whose range overlaps its own, whether that
 //! one holds its range or is itself still waiting. So overlapping requests are granted
-//! strictly in the order they asked (first come, first served), a large range is never
-//! starved by a stream of small ones that keep overlapping it, and two callers that lock
-//! several ranges cannot deadlock as long as each holds one range at a time.
+//! strictly in the order they asked (first come, first served), and a large range is
+//! never starved by a stream of small ones that keep overlapping it. A caller that holds
+//! one range and asks for another can deadlock with one doing the reverse: hold one at a
+//! time.
 //!
 //! Ranges are bytes, half-open; the nodes lock a request's own range, which is aligned to
 //! the block size, so any two requests that touch a common block are ordered and requests
