@@ -140,7 +140,7 @@ fn curl(server: &Server, args: &[&str], path: &str) -> (String, String) {
 #[test]
 fn an_api_flood_is_capped_per_address_and_idle_connections_are_closed() {
     let (_tmp, dir) = data_dir();
-    let idle = Duration::from_secs(4);
+    let idle = Duration::from_secs(6);
     let config =
         format!("[connections]\nper_address = {PER_ADDRESS}\napi_idle_timeout_ms = {}\n", idle.as_millis());
     let server = start(&dir, &config);
@@ -177,7 +177,10 @@ fn an_api_flood_is_capped_per_address_and_idle_connections_are_closed() {
     let (n, seen) = wait_closed(&mut streams, FLOOD - PER_ADDRESS, Duration::from_secs(10));
     assert!(seen < opened + idle, "the flood over the cap took {:?} to close", seen - opened);
     assert_eq!(n, FLOOD - PER_ADDRESS, "all but {PER_ADDRESS} of the flood are closed at once");
-    assert_eq!(closed(&mut watched), 0, "the slow, silent and idle clients are not closed early");
+    // (Checked only while the timeout is still well ahead: a loaded machine may get here late.)
+    if opened.elapsed() < idle - Duration::from_secs(1) {
+        assert_eq!(closed(&mut watched), 0, "the slow, silent and idle clients are not closed early");
+    }
     // Then the idle timeout closes the rest, the silent client and the slow one.
     let (n, _) = wait_closed(&mut streams, FLOOD, idle + Duration::from_secs(5));
     assert_eq!(n, FLOOD, "idle connections are closed after the idle timeout");

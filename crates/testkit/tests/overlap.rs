@@ -145,9 +145,11 @@ async fn run(layout: Layout, seed: u64) {
     }
 }
 
-/// Runs the rounds for `layout` once per seed (`STRATA_PROPTEST_CASES`, 1 by default).
+/// Runs the rounds for `layout` once per seed: one by default, and one per 50 property
+/// cases when `STRATA_PROPTEST_CASES` asks for more (each seed is 8 rounds of 256 pairs,
+/// about half a second; CI's 200 cases make 4 seeds).
 fn each_seed(layout: Layout) {
-    for seed in 0..u64::from(strata_testkit::cases(1)) {
+    for seed in 0..u64::from((strata_testkit::cases(50) / 50).max(1)) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(run(layout, seed));
     }
