@@ -116,6 +116,17 @@ pub enum IoError {
         /// How many children the node has.
         children: usize,
     },
+    /// Every copy that holds the data failed, and what is left missed a write for want of
+    /// space (a lagging mirror leg, or a parity row whose parity no longer matches its
+    /// data): answering from it could return older or wrong data, so the request fails
+    /// until a write of the range reaches every member in service.
+    #[error("{op} at offset {offset}: no current copy is left; the members in service missed a write for want of space")]
+    NoCurrentCopy {
+        /// The operation.
+        op: IoOp,
+        /// Byte offset in the node.
+        offset: u64,
+    },
 }
 
 impl IoError {

@@ -6,7 +6,9 @@
 //! A leg whose device has no space left is not failed: the write fails with no space, and
 //! the legs that did not take it lag over its range (`divergence.rs`) until a later write
 //! reaches every leg or a flush copies the range over; meanwhile reads of it go to a leg
-//! that has it, and its write-intent regions stay set.
+//! that has it, and its write-intent regions stay set. If every leg that has it fails, the
+//! reads fail ([`IoError::NoCurrentCopy`]) rather than return the older data a host may
+//! already have seen replaced, until a write of the range reaches every leg in service.
 //!
 //! Writes, discards and write-zeroes hold their range in a [`RangeLock`] while the legs
 //! are written, so overlapping ones reach every leg in the same order and the copies never
@@ -151,7 +153,7 @@ impl Mirror {
 
     /// Reads `range` from the preferred healthy leg of its start, falling over to the next
     /// on a device error (failing the leg that erred). Legs that lag somewhere in `range`
-    /// come last: they answer only when no leg that has the data is left.
+    /// never answer: once no leg that has the data is left, the read fails.
     async fn read_any<'a, T, F, Fut>(&'a self, range: Range<u64>, mut read: F) -> Result<T, IoError>
     where
         F: FnMut(&'a Arc<dyn BlockIo>) -> Fut,
@@ -160,16 +162,17 @@ impl Mirror {
         let (n, offset) = (self.legs.len(), range.start);
         let start = self.preferred_leg(offset);
         let lagging = self.divergence.lagging_in(&range);
-        let order = (0..n).map(|k| (start + k) % n).filter(|&leg| !self.legs.is_failed(leg));
-        let order =
-            order.clone().filter(|&l| lagging & 1 << l == 0).chain(order.filter(|&l| lagging & 1 << l != 0));
-        for leg in order {
+        let order = (0..n).map(|k| (start + k) % n).filter(|&leg| lagging & 1 << leg == 0);
+        for leg in order.filter(|&leg| !self.legs.is_failed(leg)) {
             match read(self.legs.get(leg)).await {
                 Ok(data) => return Ok(data),
                 Err(e) if e.is_request_error() => return Err(e),
                 // A read can go on to the next leg even if the failure was not recorded.
                 Err(e) => drop(self.legs.fail(leg, &e).await),
             }
+        }
+        if self.legs.live().iter().any(|&l| lagging & 1 << l != 0) {
+            return Err(IoError::NoCurrentCopy { op: IoOp::Read, offset });
         }
         Err(self.legs.too_many(IoOp::Read, offset))
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use strata_block::{
-    BlockIo, Durability, FaultAction, FaultPlan, FaultRule, FaultyDevice, MemDevice, OpFilter,
+    BlockIo, Durability, FaultAction, FaultPlan, FaultRule, FaultyDevice, IoError, MemDevice, OpFilter,
 };
 
 use super::mirror::Mirror;
@@ -139,6 +139,128 @@ async fn a_parity_member_out_of_space_leaves_a_stale_row_repaired_at_flush() {
     members[0]
         .set_plan(FaultPlan { seed: 0, rules: vec![FaultRule::always(OpFilter::Reads, FaultAction::Error)] });
     assert_eq!(node.read(0, 8192).await.unwrap(), [fill(0x22, 4096), fill(0x11, 4096)].concat());
+}
+
+fn broken() -> FaultPlan {
+    FaultPlan { seed: 0, rules: vec![FaultRule::always(OpFilter::All, FaultAction::Error)] }
+}
+
+#[tokio::test]
+async fn a_mirror_read_fails_rather_than_answer_from_a_lagging_leg() {
+    let legs = [faulty("l0"), faulty("l1")];
+    let mirror =
+        Mirror::new(legs.iter().map(|l| l.clone() as Arc<dyn BlockIo>).collect(), REGION, bitmap_copies(2));
+    mirror.initialize().await.unwrap();
+    mirror.write(0, fill(0xaa, 64 << 10), Durability::Cached).await.unwrap();
+    mirror.flush().await.unwrap();
+    legs[1].set_plan(no_space());
+    assert!(mirror.write(8192, fill(0xbb, 8192), Durability::Cached).await.unwrap_err().is_no_space());
+    assert_eq!(mirror.read(8192, 8192).await.unwrap(), fill(0xbb, 8192), "the host sees the new data");
+
+    // Leg 0, the only one with the new data, fails: leg 1 still holds the old data there.
+    legs[0].set_plan(broken());
+    for (offset, len) in [(8192, 8192), (12288, 4096), (0, 64 << 10)] {
+        let err = match mirror.read(offset, len).await {
+            Ok(data) => panic!("read {offset}+{len}: a lagging leg answered {:#x}", data[0]),
+            Err(e) => e,
+        };
+        assert!(matches!(err, IoError::NoCurrentCopy { .. }), "read {offset}+{len}: {err}");
+    }
+    assert_eq!(mirror.health().failed, vec![0]);
+    assert_eq!(mirror.read(0, 8192).await.unwrap(), fill(0xaa, 8192), "where leg 1 is current it answers");
+    mirror.flush().await.unwrap();
+    assert!(matches!(mirror.read(8192, 4096).await, Err(IoError::NoCurrentCopy { .. })), "still refused");
+
+    // A write that reaches every leg in service makes the range readable again.
+    legs[1].set_plan(FaultPlan::default());
+    mirror.write(8192, fill(0xcc, 8192), Durability::Cached).await.unwrap();
+    assert_eq!(
+        mirror.read(0, 24576).await.unwrap(),
+        [fill(0xaa, 8192), fill(0xcc, 8192), fill(0xaa, 8192)].concat()
+    );
+}
+
+/// A parity node over `n` members of 4 KiB chunks, written with `0x11` and flushed.
+async fn parity_set(level: ParityLevel, n: usize) -> (Parity, Vec<Arc<FaultyDevice>>) {
+    let members: Vec<Arc<FaultyDevice>> = (0..n).map(|i| faulty(&format!("m{i}"))).collect();
+    let node = Parity::new(
+        level,
+        4096,
+        members.iter().map(|m| m.clone() as Arc<dyn BlockIo>).collect(),
+        REGION,
+        bitmap_copies(n),
+    );
+    node.initialize().await.unwrap();
+    node.write(0, fill(0x11, 64 << 10), Durability::Cached).await.unwrap();
+    node.flush().await.unwrap();
+    (node, members)
+}
+
+/// A degraded parity set whose row 0 ran out of space part-way: the failed member's chunk
+/// (data chunk 0, the row's first 4 KiB) reads back right or fails, never wrong, until a
+/// write makes the row whole. `failed` holds data chunk 0 of row 0, `full` data chunk 1.
+async fn degraded_row_out_of_space(level: ParityLevel, n: usize, failed: usize, full: usize) {
+    let (node, members) = parity_set(level, n).await;
+    members[failed].set_plan(broken());
+    assert_eq!(node.read(0, 4096).await.unwrap(), fill(0x11, 4096), "rebuilt from a whole row");
+    assert_eq!(node.health().failed, vec![failed]);
+
+    // Data chunk 1 has no space; parity takes the write. Rebuilt from it, chunk 0 would
+    // read 0x33 (new parity with old data), which nobody wrote.
+    members[full].set_plan(no_space());
+    let err = node.write(4096, fill(0x33, 4096), Durability::Cached).await.unwrap_err();
+    assert!(err.is_no_space(), "{err}");
+    for (offset, len) in [(0, 4096), (0, 8192), (0, 64 << 10)] {
+        match node.read(offset, len).await {
+            Ok(data) => {
+                assert_eq!(&data[..4096], &fill(0x11, 4096)[..], "read {offset}+{len} returned wrong data")
+            }
+            Err(e) => assert!(matches!(e, IoError::NoCurrentCopy { .. }), "read {offset}+{len}: {e}"),
+        }
+    }
+    assert_eq!(node.read(8192, 4096).await.unwrap(), fill(0x11, 4096), "other rows are unaffected");
+
+    // Space is back, but a degraded stale row cannot be recomputed: it keeps refusing, and
+    // a write that would fold the unknown chunk into new parity is refused too.
+    members[full].set_plan(FaultPlan::default());
+    node.flush().await.unwrap();
+    assert!(matches!(node.read(0, 4096).await, Err(IoError::NoCurrentCopy { .. })));
+    assert!(matches!(
+        node.write(4096, fill(0x44, 4096), Durability::Cached).await,
+        Err(IoError::NoCurrentCopy { .. })
+    ));
+    assert_eq!(node.health().dirty_regions, 1);
+
+    // A write that replaces the failed chunk makes the row whole again.
+    node.write(0, fill(0x55, 4096), Durability::Cached).await.unwrap();
+    assert_eq!(node.read(0, 8192).await.unwrap(), [fill(0x55, 4096), fill(0x11, 4096)].concat());
+    node.write(4096, fill(0x66, 4096), Durability::Cached).await.unwrap();
+    assert_eq!(node.read(0, 8192).await.unwrap(), [fill(0x55, 4096), fill(0x66, 4096)].concat());
+}
+
+#[tokio::test]
+async fn a_degraded_raid5_row_out_of_space_never_rebuilds_wrong_data() {
+    // Row 0 of three members: P on member 2, data chunk 0 on member 0, chunk 1 on member 1.
+    degraded_row_out_of_space(ParityLevel::Single, 3, 0, 1).await;
+}
+
+#[tokio::test]
+async fn a_degraded_raid6_row_out_of_space_never_rebuilds_wrong_data() {
+    // Row 0 of four members: P on member 3, Q on 0, data chunk 0 on member 1, chunk 1 on 2.
+    degraded_row_out_of_space(ParityLevel::Double, 4, 1, 2).await;
+}
+
+#[tokio::test]
+async fn a_stale_row_refuses_a_rebuild_when_a_member_fails_later() {
+    let (node, members) = parity_set(ParityLevel::Single, 3).await;
+    members[2].set_plan(no_space());
+    assert!(node.write(0, fill(0x22, 4096), Durability::Cached).await.unwrap_err().is_no_space());
+    members[1].set_plan(broken());
+    assert!(matches!(node.read(4096, 4096).await, Err(IoError::NoCurrentCopy { .. })));
+    // Space is back: a write of the whole row makes it whole again.
+    members[2].set_plan(FaultPlan::default());
+    node.write(0, fill(0x77, 8192), Durability::Cached).await.unwrap();
+    assert_eq!(node.read(0, 8192).await.unwrap(), fill(0x77, 8192));
 }
 
 #[tokio::test]

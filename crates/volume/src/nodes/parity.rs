@@ -19,8 +19,11 @@
 //! longer matches its data. The row is recorded as stale (its write-intent regions stay
 //! set) and its parity is computed afresh from its data at the next flush that finds
 //! space, or at open after a crash. Reads of data go to the data's own member and are not
-//! affected; only a rebuild of a failed member's chunk from a stale row would be wrong, as
-//! with the write hole.
+//! affected. Nothing is ever rebuilt from a stale row: with a member failed (before or
+//! after the write that ran out of space) its chunk would come from parity that does not
+//! match, and a stale row cannot be repaired while degraded, so reads of that chunk and
+//! writes that would need it fail with [`IoError::NoCurrentCopy`] until a write covers the
+//! whole row (or its failed chunks) and makes it whole again.
 
 use std::sync::Arc;
 
@@ -152,7 +155,8 @@ impl Parity {
         self.rebuild_piece(row, m, at, len).await
     }
 
-    /// Rebuilds `len` bytes at `at` of member `m`'s chunk in `row` from the rest of the row.
+    /// Rebuilds `len` bytes at `at` of member `m`'s chunk in `row` from the rest of the row;
+    /// refuses a stale row, whose parity would rebuild wrong data.
     fn rebuild_piece(
         &self,
         row: u64,
@@ -162,12 +166,25 @@ impl Parity {
     ) -> BoxFuture<'_, Result<BytesMut, IoError>> {
         Box::pin(async move {
             let _row = self.lock(row).lock().await;
+            if self.is_stale(row) {
+                return Err(self.no_current_copy(IoOp::Read, row));
+            }
             let mut bufs = self.read_row(row, at, len, &vec![false; self.n()]).await?;
             if !self.solve(row, &mut bufs, len) {
                 return Err(self.members.too_many(IoOp::Read, row));
             }
             Ok(BytesMut::from(&bufs[m].take().expect("solved")[..]))
         })
+    }
+
+    /// True if the parity of `row` may not match its data (see [`Parity::mark_stale`]).
+    fn is_stale(&self, row: u64) -> bool {
+        self.stale_rows.lock().overlaps(&(row..row + 1))
+    }
+
+    /// The error for a request that would need a failed member's chunk of a stale row.
+    fn no_current_copy(&self, op: IoOp, row: u64) -> IoError {
+        IoError::NoCurrentCopy { op, offset: row * self.chunk * self.data_width as u64 }
     }
 
     /// Row and data chunk index of a piece.
@@ -210,6 +227,13 @@ impl Parity {
             if healthy {
                 bufs = self.read_row(row, lo, len, &vec![false; self.n()]).await?;
             }
+            // A stale row's parity cannot stand in for a failed data chunk this write does
+            // not wholly replace: the wrong data would be written into the new parity.
+            let unknown_kept =
+                (0..self.data_width).any(|k| bufs[self.data_member(row, k)].is_none() && !full[k]);
+            if unknown_kept && self.is_stale(row) {
+                return Err(self.no_current_copy(IoOp::Write, row));
+            }
             if !self.solve(row, &mut bufs, len) {
                 return Err(self.members.too_many(IoOp::Write, row * self.chunk));
             }
@@ -223,7 +247,12 @@ impl Parity {
         }
         let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
         let (p, q) = gf::compute(&refs, self.parity == 2);
-        self.write_members(row, self.row_writes(row, &parts, lo, p, q), durability).await
+        self.write_members(row, self.row_writes(row, &parts, lo, p, q), durability).await?;
+        if lo == 0 && len == self.chunk && self.is_stale(row) {
+            // Every chunk was known or replaced and parity computed from them: whole again.
+            self.mark_whole(row..row + 1);
+        }
+        Ok(())
     }
 
     /// The member writes of a row update: the new data, then P (and Q) over `[lo, ..)`.
@@ -325,6 +354,12 @@ impl Parity {
         self.repin(rows);
     }
 
+    /// Records that `rows` hold parity computed from their data again.
+    fn mark_whole(&self, rows: std::ops::Range<u64>) {
+        self.stale_rows.lock().remove(rows.clone());
+        self.repin(rows);
+    }
+
     /// Pins the bitmap regions of `rows` that hold stale rows, unpins the others.
     fn repin(&self, rows: std::ops::Range<u64>) {
         let row_bytes = self.chunk * self.data_width as u64;
@@ -336,17 +371,21 @@ impl Parity {
     }
 
     /// Computes afresh the parity of every stale row (at a flush, once space may have been
-    /// freed). A row still out of space stays stale.
+    /// freed). A row still out of space stays stale, and so does one with a failed data
+    /// member (its data is not known: only a write can make it whole).
     async fn repair_stale_rows(&self) {
         let stale: Vec<std::ops::Range<u64>> = self.stale_rows.lock().ranges().collect();
         for rows in stale {
             for row in rows.clone() {
                 match self.resync_row(row, &[]).await {
                     Ok(()) => self.stale_rows.lock().remove(row..row + 1),
-                    Err(e) => {
+                    Err(e) if e.is_no_space() => {
                         tracing::debug!(row, error = %e, "parity of a stale row not recomputed yet");
                         self.repin(rows);
                         return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(row, error = %e, "a stale row cannot be recomputed while degraded")
                     }
                 }
             }
@@ -414,6 +453,10 @@ impl Parity {
             if let Some(e) = no_space {
                 self.mark_stale(first_full..end_full);
                 return Err(e);
+            }
+            if self.stale_rows.lock().overlaps(&(first_full..end_full)) {
+                // Zero data with zero parity on every member in service.
+                self.mark_whole(first_full..end_full);
             }
         }
         Ok(())
