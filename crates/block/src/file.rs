@@ -80,20 +80,37 @@ const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
 impl FileDevice {
-    /// Opens an existing file or block device for reading and writing. A block device is
-    /// opened `O_EXCL`, so one that is mounted or held by another program (or by another
-    /// `FileDevice`) is refused with [`io::ErrorKind::ResourceBusy`] and a message saying it
-    /// is in use, and none can mount it while Strata holds it.
+    /// Opens an existing file or block device for reading and writing, through links. A
+    /// block device is opened `O_EXCL`, so one that is mounted or held by another program
+    /// (or by another `FileDevice`) is refused with [`io::ErrorKind::ResourceBusy`] and a
+    /// message saying it is in use, and none can mount it while Strata holds it. Anything
+    /// else (a folder, FIFO, character device or socket) is refused, judged on what was
+    /// opened, not on a look taken before.
     pub fn open(path: impl AsRef<Path>, options: &FileOptions) -> io::Result<Arc<Self>> {
-        let path = path.as_ref().to_path_buf();
-        let mut flags = rustix::fs::OFlags::empty();
+        Self::open_with(path.as_ref(), options, rustix::fs::OFlags::empty())
+    }
+
+    /// Opens an existing file or block device as [`FileDevice::open`] does, but refuses a
+    /// path whose last component is a symbolic link (`O_NOFOLLOW`: the error is `ELOOP`):
+    /// for a path already made canonical and checked,
+    /// so a link swapped in between cannot make it open something else.
+    pub fn open_no_follow(path: impl AsRef<Path>, options: &FileOptions) -> io::Result<Arc<Self>> {
+        Self::open_with(path.as_ref(), options, rustix::fs::OFlags::NOFOLLOW)
+    }
+
+    fn open_with(path: &Path, options: &FileOptions, extra: rustix::fs::OFlags) -> io::Result<Arc<Self>> {
+        use rustix::fs::OFlags;
+        let mut flags = extra | OFlags::CLOEXEC;
         if options.direct {
-            flags |= rustix::fs::OFlags::DIRECT;
+            flags |= OFlags::DIRECT;
         }
-        if std::fs::metadata(&path)?.file_type().is_block_device() {
-            flags |= rustix::fs::OFlags::EXCL;
+        // Without O_CREAT, Linux ignores O_EXCL for regular files and opens a block device
+        // exclusively: always passing it leaves no gap between a look at the path and the
+        // open in which a file could become a block device.
+        if cfg!(target_os = "linux") {
+            flags |= OFlags::EXCL;
         }
-        let file = OpenOptions::new().read(true).write(true).custom_flags(flags.bits() as i32).open(&path);
+        let file = OpenOptions::new().read(true).write(true).custom_flags(flags.bits() as i32).open(path);
         let file = file.map_err(|e| match e.raw_os_error() {
             Some(code) if code == Errno::BUSY.raw_os_error() => io::Error::new(
                 io::ErrorKind::ResourceBusy,
@@ -101,7 +118,7 @@ impl FileDevice {
             ),
             _ => e,
         })?;
-        Self::from_file(path, file, options)
+        Self::from_file(path.to_path_buf(), file, options)
     }
 
     /// Creates a new sparse file of `size_bytes` named `name` in the directory `dir`, with
@@ -137,19 +154,31 @@ impl FileDevice {
         created
     }
 
-    /// Creates (or extends) a sparse file of `size_bytes` and opens it.
+    /// Creates a new sparse file of `size_bytes` at `path` and opens it: the same as
+    /// [`FileDevice::create_new`] with the path's folder and last component (mode 0600,
+    /// never through a link, never an existing file, which is refused with
+    /// [`io::ErrorKind::AlreadyExists`] and left as it was).
     pub fn create(path: impl AsRef<Path>, size_bytes: u64, options: &FileOptions) -> io::Result<Arc<Self>> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
-        if file.metadata()?.len() < size_bytes {
-            file.set_len(size_bytes)?;
-        }
-        drop(file);
-        Self::open(path, options)
+        let path = path.as_ref();
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{} names no file", path.display()))
+        })?;
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        Self::create_new(dir, name, size_bytes, options)
     }
 
     /// A device over an open file or block device.
     fn from_file(path: PathBuf, file: File, options: &FileOptions) -> io::Result<Arc<Self>> {
         let meta = file.metadata()?;
+        if !meta.file_type().is_file() && !meta.file_type().is_block_device() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is neither a regular file nor a block device", path.display()),
+            ));
+        }
         let (block_size, size) = if meta.file_type().is_block_device() {
             let bs = rustix::fs::ioctl_blksszget(&file)?;
             let size = io::Seek::seek(&mut &file, io::SeekFrom::End(0))?;
@@ -483,6 +512,62 @@ mod tests {
     }
 
     #[test]
+    fn create_makes_a_new_private_file_and_leaves_existing_ones_and_links_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let options = FileOptions::default();
+        let path = dir.path().join("d");
+        FileDevice::create(&path, 1 << 20, &options).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // An existing file is neither opened nor extended.
+        let existing = dir.path().join("existing");
+        std::fs::write(&existing, b"someone's data").unwrap();
+        let e = FileDevice::create(&existing, 1 << 20, &options).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&existing).unwrap(), b"someone's data");
+        // A link, dangling or not, is not followed.
+        let target = dir.path().join("target");
+        std::os::unix::fs::symlink(&target, dir.path().join("dangling")).unwrap();
+        assert!(FileDevice::create(dir.path().join("dangling"), 1 << 20, &options).is_err());
+        assert!(!target.exists());
+        std::os::unix::fs::symlink(&existing, dir.path().join("link")).unwrap();
+        assert!(FileDevice::create(dir.path().join("link"), 1 << 20, &options).is_err());
+        assert_eq!(std::fs::metadata(&existing).unwrap().len(), 14);
+    }
+
+    #[test]
+    fn open_refuses_what_is_neither_a_file_nor_a_block_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        for path in [fifo.as_path(), Path::new("/dev/null")] {
+            let e = FileDevice::open(path, &FileOptions::default()).err().unwrap();
+            assert!(e.to_string().contains("neither a regular file nor a block device"), "{e}");
+        }
+    }
+
+    #[test]
+    fn open_no_follow_refuses_a_link_that_open_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d");
+        std::fs::write(&file, [0u8; 8192]).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let options = FileOptions::default();
+        assert!(FileDevice::open(&link, &options).is_ok());
+        let e = FileDevice::open_no_follow(&link, &options).err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(Errno::LOOP.raw_os_error()), "{e}");
+        assert!(FileDevice::open_no_follow(&file, &options).is_ok());
+    }
+
+    #[test]
     fn len_bytes_is_the_size_before_rounding_to_blocks() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("small"), [7u8; 1024]).unwrap();
@@ -498,7 +583,7 @@ mod tests {
         {
             let dev = FileDevice::create(dir.path().join("d"), 1 << 20, &FileOptions::default()).unwrap();
             assert_eq!(dev.is_memory_backed(), in_memory);
-            round_trip(&dir).await;
+            round_trip(&dev).await;
         }
     }
 
@@ -524,8 +609,7 @@ mod tests {
         }
     }
 
-    async fn round_trip(dir: &tempfile::TempDir) {
-        let dev = FileDevice::create(dir.path().join("d"), 1 << 20, &FileOptions::default()).unwrap();
+    async fn round_trip(dev: &FileDevice) {
         assert_eq!(dev.geometry(), Geometry { block_size: 4096, size_bytes: 1 << 20 });
         let data = Bytes::from(vec![7u8; 8192]);
         dev.write(4096, data.clone(), Durability::Fua).await.unwrap();

@@ -100,14 +100,18 @@ impl ServeConfig {
         let config: Self =
             toml::from_str(&text).map_err(|e| format!("config file {}: {}", path.display(), one_line(&e)))?;
         if config.iscsi_discovery_chap_secret.is_some() {
-            use std::os::unix::fs::MetadataExt;
-            let mode = std::fs::metadata(path).map(|m| m.mode() & 0o777).unwrap_or(0);
-            if mode & 0o077 != 0 {
-                tracing::warn!(
+            // The data directory's rule, but only a warning: the file is the operator's.
+            match crate::data_dir::readable_by_others(path, crate::data_dir::SECRET_MODE) {
+                Ok(None) => {}
+                Ok(Some(mode)) => tracing::warn!(
                     file = %path.display(),
                     mode = format!("{mode:04o}"),
                     "the config file holds iscsi_discovery_chap_secret and group or others may read it; run `chmod 600` on it"
-                );
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the config file holds iscsi_discovery_chap_secret and others could change it"
+                ),
             }
         }
         Ok(config)

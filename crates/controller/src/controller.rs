@@ -107,7 +107,8 @@ impl Controller {
         let mut unopened = Vec::new();
         for path in &paths {
             let name = path.display().to_string();
-            match FileDevice::open(path, &file_options) {
+            // Paths are canonical: a link found in their place now is not followed.
+            match FileDevice::open_no_follow(path, &file_options) {
                 Ok(device) => candidates.push((name.clone(), metrics.meter(Scope::device, &name, device))),
                 Err(e) => unopened.push((name, format!("cannot be opened: {e}"))),
             }
@@ -460,7 +461,7 @@ impl Controller {
                 out.push(ScanEntry { path: name, state: "member".into(), detail: id.clone() });
                 continue;
             }
-            let (state, detail) = match FileDevice::open(&path, &self.file_options) {
+            let (state, detail) = match FileDevice::open_no_follow(&path, &self.file_options) {
                 Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => ("in use", e.to_string()),
                 Err(e) => ("unreadable", e.to_string()),
                 Ok(device) => match inspect(device.as_ref()).await {

@@ -89,9 +89,27 @@ pub fn create_private_dir(dir: &Path) -> Result<(), DataDirError> {
 /// group and other permissions if they may read it (with a warning: what it held may have
 /// been seen). A missing path passes: it will be made private.
 pub fn check(path: &Path, wanted: u32) -> Result<(), DataDirError> {
+    let Some(mode) = readable_by_others(path, wanted)? else { return Ok(()) };
+    let narrowed = mode & !0o077;
+    std::fs::set_permissions(path, Permissions::from_mode(narrowed))
+        .map_err(io_error("change the mode of", path))?;
+    tracing::warn!(
+        path = %path.display(),
+        was = format!("{mode:04o}"),
+        now = format!("{narrowed:04o}"),
+        "group or others could read this; narrowed its mode (a secret it held may have been seen)"
+    );
+    Ok(())
+}
+
+/// What [`check`] judges, changing nothing: an error if another user owns `path` or group
+/// or others may write it (`wanted` is the mode the message tells to set), else its mode
+/// when group or others may read it, else `None` (a missing path too). For what is not
+/// ours to narrow: a folder of `device_dirs`, the serve config file.
+pub fn readable_by_others(path: &Path, wanted: u32) -> Result<Option<u32>, DataDirError> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_error("read the owner and mode of", path)(e)),
     };
     let (owner, us, mode) = (meta.uid(), effective_uid(), meta.mode() & 0o7777);
@@ -101,18 +119,7 @@ pub fn check(path: &Path, wanted: u32) -> Result<(), DataDirError> {
     if mode & 0o022 != 0 {
         return Err(DataDirError::Writable { path: path.to_path_buf(), mode, wanted });
     }
-    if mode & 0o077 != 0 {
-        let narrowed = mode & !0o077;
-        std::fs::set_permissions(path, Permissions::from_mode(narrowed))
-            .map_err(io_error("change the mode of", path))?;
-        tracing::warn!(
-            path = %path.display(),
-            was = format!("{mode:04o}"),
-            now = format!("{narrowed:04o}"),
-            "group or others could read this; narrowed its mode (a secret it held may have been seen)"
-        );
-    }
-    Ok(())
+    Ok((mode & 0o077 != 0).then_some(mode))
 }
 
 /// Writes `bytes` to `path` atomically with mode 0600 from the start: into a new file

@@ -8,8 +8,15 @@
 //!   only inside the data directory's `devices/` and the folders listed in `device_dirs`
 //!   of the serve config, judged on the canonical path (links and `..` resolved).
 //!   `--create` never follows a link and never opens an existing file
-//!   (`O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600). Block devices are allowed wherever their
-//!   node is: they are opened `O_EXCL`, so a mounted or otherwise held one is refused.
+//!   (`O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600). An existing device is opened by its
+//!   canonical path with `O_NOFOLLOW`, and what was opened must be what was checked, so a
+//!   file swapped for a link (or a block device for a file) in between is refused. Block
+//!   devices are allowed wherever their node is: they are opened `O_EXCL`, so a mounted or
+//!   otherwise held one is refused.
+//! - **Allowed folders are the controller user's.** Each folder of `device_dirs` must be
+//!   owned by that user and not writable by group or others (the data directory's rule,
+//!   [`crate::data_dir`]), or `serve` refuses to start: whoever may write there could swap
+//!   a device file for a link to a disk.
 //! - **Nothing foreign is overwritten.** A device with a known signature (filesystem,
 //!   partition table, LVM, md, ZFS, LUKS, bcache, swap: [`strata_block::signature`]) or
 //!   with any data where a claim writes (its first extent and last 4 KiB) is refused,
@@ -64,6 +71,10 @@ pub enum DeviceError {
     /// A folder, character device, FIFO or socket.
     #[error("{0} is neither a regular file nor a block device")]
     NotADevice(PathBuf),
+    /// It changed between the check of its path and its opening (a file became a link or
+    /// a block device, or the other way round).
+    #[error("{0} changed while it was being opened (it was replaced, perhaps by a link); it was not added")]
+    Changed(PathBuf),
     /// The OS refused to open or create it (in use, missing, no permission).
     #[error("cannot open {path}: {source}")]
     Open {
@@ -112,7 +123,7 @@ impl From<DeviceError> for Failure {
             | DeviceError::NotAllowed { .. }
             | DeviceError::NotADevice(_)
             | DeviceError::Open { .. } => FailureKind::BadRequest,
-            DeviceError::Exists(_) | DeviceError::Link(_) => FailureKind::Conflict,
+            DeviceError::Exists(_) | DeviceError::Link(_) | DeviceError::Changed(_) => FailureKind::Conflict,
             DeviceError::Signature { .. } | DeviceError::Data { .. } => FailureKind::Conflict,
             DeviceError::Probe { .. } => FailureKind::Internal,
         };
@@ -135,7 +146,8 @@ pub struct DevicePaths {
 
 impl DevicePaths {
     /// The devices folder `devices_dir` (which must exist) and the operator's `extra`
-    /// folders (from `device_dirs`); each must exist.
+    /// folders (from `device_dirs`); each must exist, be owned by the controller's user and
+    /// not be writable by group or others (the message says the `chown` or `chmod` to run).
     pub fn new(devices_dir: &Path, extra: &[PathBuf]) -> Result<Self, String> {
         let canonical = |dir: &Path| {
             std::fs::canonicalize(dir)
@@ -145,6 +157,8 @@ impl DevicePaths {
         let mut allowed = vec![devices_dir.clone()];
         for dir in extra {
             let dir = canonical(dir)?;
+            crate::data_dir::readable_by_others(&dir, crate::data_dir::DIR_MODE)
+                .map_err(|e| format!("device folder {} (device_dirs) cannot be used: {e}", dir.display()))?;
             if !allowed.contains(&dir) {
                 allowed.push(dir);
             }
@@ -157,7 +171,8 @@ impl DevicePaths {
         strata_pool::scan_dir(&self.devices_dir)
     }
 
-    /// Whether the scan finds the device whose canonical path is `canonical`.
+    /// Whether the scan finds the device whose canonical path is `canonical` (false when
+    /// the devices folder cannot be listed: the path is then recorded, to be safe).
     pub fn found_by_scan(&self, canonical: &Path) -> bool {
         self.scan().is_ok_and(|found| found.iter().any(|p| p == canonical))
     }
@@ -206,7 +221,8 @@ impl DevicePaths {
     }
 
     /// Opens an existing file (in an allowed folder) or block device (anywhere, `O_EXCL`)
-    /// at `path`, through links; the device is named by its canonical path.
+    /// at `path`, through links; the device is named by its canonical path, which is
+    /// opened `O_NOFOLLOW` and must still be the kind of device checked.
     pub fn open(&self, path: &Path, options: &FileOptions) -> Result<Arc<FileDevice>, DeviceError> {
         if !path.is_absolute() {
             return Err(DeviceError::NotAbsolute(path.to_path_buf()));
@@ -219,7 +235,17 @@ impl DevicePaths {
         } else if !kind.is_block_device() {
             return Err(DeviceError::NotADevice(path.to_path_buf()));
         }
-        FileDevice::open(&canonical, options).map_err(open_error)
+        let device = FileDevice::open_no_follow(&canonical, options).map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                DeviceError::Changed(path.to_path_buf())
+            } else {
+                open_error(e)
+            }
+        })?;
+        if device.is_block_device() != kind.is_block_device() {
+            return Err(DeviceError::Changed(path.to_path_buf()));
+        }
+        Ok(device)
     }
 }
 
@@ -234,4 +260,50 @@ pub async fn check_foreign(path: &Path, io: &dyn BlockIo, claimed: &[Range<u64>]
         return Err(DeviceError::Data { path: path.to_path_buf(), offset });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_device_folder_others_may_write_or_own_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let devices = tmp.path().join("devices");
+        let extra = tmp.path().join("disks");
+        std::fs::create_dir_all(&devices).unwrap();
+        std::fs::create_dir_all(&extra).unwrap();
+        std::fs::set_permissions(&extra, std::fs::Permissions::from_mode(0o755)).unwrap();
+        DevicePaths::new(&devices, std::slice::from_ref(&extra)).unwrap();
+        std::fs::set_permissions(&extra, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = DevicePaths::new(&devices, std::slice::from_ref(&extra)).unwrap_err();
+        assert!(e.contains("writable by group or others") && e.contains("run `chmod 700"), "{e}");
+        std::fs::set_permissions(&extra, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&extra, Some(65534), None).unwrap();
+            let e = DevicePaths::new(&devices, std::slice::from_ref(&extra)).unwrap_err();
+            assert!(e.contains("owned by user 65534") && e.contains("run `chown -R 0"), "{e}");
+        }
+    }
+
+    #[test]
+    fn open_takes_files_in_allowed_folders_by_their_canonical_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let devices = tmp.path().join("devices");
+        std::fs::create_dir_all(&devices).unwrap();
+        std::fs::write(devices.join("a"), [0u8; 8192]).unwrap();
+        std::os::unix::fs::symlink(devices.join("a"), devices.join("link")).unwrap();
+        std::fs::write(tmp.path().join("outside"), [0u8; 8192]).unwrap();
+        let paths = DevicePaths::new(&devices, &[]).unwrap();
+        let options = FileOptions::default();
+        let device = paths.open(&devices.join("link"), &options).unwrap();
+        assert_eq!(device.path(), std::fs::canonicalize(devices.join("a")).unwrap());
+        let e = paths.open(&tmp.path().join("outside"), &options).err().unwrap();
+        assert!(matches!(e, DeviceError::NotAllowed { .. }), "{e}");
+        let e = paths.open(Path::new("/dev/null"), &options).err().unwrap();
+        assert!(matches!(e, DeviceError::NotADevice(_)), "{e}");
+    }
 }

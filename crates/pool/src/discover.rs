@@ -430,24 +430,47 @@ const SCAN_DEPTH: usize = 8;
 /// subfolders, and what symbolic links there point to when that is a file or a block
 /// device (an administrator's `ln -s /dev/disk/by-id/… devices/`). Links to folders are not
 /// followed, so a link to `/dev` does not make every disk a candidate. Each device is
-/// given once, by its canonical path (no links, no `..`), in sorted order.
+/// given once, by its canonical path (no links, no `..`), in sorted order. Only `dir`
+/// itself must be readable: an entry the scan cannot read (a subfolder it may not list,
+/// such as a root-owned `lost+found` when `dir` is a mount point, a link loop, a file
+/// removed meanwhile) is skipped with a warning, so one of them cannot stop a start.
 pub fn scan_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    scan_into(dir, SCAN_DEPTH, &mut out)?;
+    scan_into(std::fs::read_dir(dir)?, SCAN_DEPTH, &mut out);
     out.sort();
     out.dedup();
     Ok(out)
 }
 
-fn scan_into(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Adds the devices among `entries` (and, `depth` folders deep, in their subfolders) to
+/// `out`, skipping with a warning each entry that cannot be read.
+fn scan_into(entries: std::fs::ReadDir, depth: usize, out: &mut Vec<PathBuf>) {
     use std::os::unix::fs::FileTypeExt;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
+    let skip = |path: &Path, e: &std::io::Error| {
+        tracing::warn!(path = %path.display(), error = %e, "cannot read this entry of the devices folder; skipped");
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list an entry of the devices folder; skipped");
+                continue;
+            }
+        };
         let path = entry.path();
+        let kind = match entry.file_type() {
+            Ok(kind) => kind,
+            Err(e) => {
+                skip(&path, &e);
+                continue;
+            }
+        };
         if kind.is_dir() {
             if depth > 0 {
-                scan_into(&path, depth - 1, out)?;
+                match std::fs::read_dir(&path) {
+                    Ok(entries) => scan_into(entries, depth - 1, out),
+                    Err(e) => skip(&path, &e),
+                }
             }
             continue;
         }
@@ -463,10 +486,12 @@ fn scan_into(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> std::io::Resul
             kind
         };
         if target.is_file() || target.is_block_device() {
-            out.push(std::fs::canonicalize(&path)?);
+            match std::fs::canonicalize(&path) {
+                Ok(canonical) => out.push(canonical),
+                Err(e) => skip(&path, &e),
+            }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -494,5 +519,35 @@ mod tests {
         expected.push(canonical(elsewhere.join("b")));
         expected.sort();
         assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn an_entry_the_scan_cannot_read_is_skipped_not_fatal() {
+        // Folders the scan cannot list even as root: one whose path is longer than
+        // PATH_MAX (the kernel refuses to open it by that path: ENAMETOOLONG), and a
+        // loop of links.
+        let root = tempfile::tempdir().unwrap();
+        let mut dir = root.path().to_path_buf();
+        let long = "x".repeat(250);
+        while dir.as_os_str().len() < 3850 {
+            dir.push(&long);
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a"), b"").unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/b"), b"").unwrap();
+        let fd = rustix::fs::open(&dir, rustix::fs::OFlags::DIRECTORY, rustix::fs::Mode::empty()).unwrap();
+        // Made relative to its parent: by its whole path the kernel would refuse it.
+        rustix::fs::mkdirat(&fd, long.as_str(), rustix::fs::Mode::from_raw_mode(0o700)).unwrap();
+        assert!(std::fs::read_dir(dir.join(&long)).is_err(), "the test needs a folder that cannot be listed");
+        std::os::unix::fs::symlink("loop-b", dir.join("loop-a")).unwrap();
+        std::os::unix::fs::symlink("loop-a", dir.join("loop-b")).unwrap();
+        let found = scan_dir(&dir).unwrap();
+        let canonical = |p: PathBuf| std::fs::canonicalize(p).unwrap();
+        assert_eq!(found, vec![canonical(dir.join("a")), canonical(dir.join("sub/b"))]);
+        assert!(
+            scan_dir(&root.path().join("missing")).is_err(),
+            "the devices folder itself must be readable"
+        );
     }
 }
