@@ -148,7 +148,26 @@ impl Cdb {
             _ => 0,
         }
     }
+
+    /// Bytes of data-in the command produces at most on a LU with `block_size`-byte
+    /// blocks (0 where it has none), so the transport can charge its buffer before it
+    /// runs: a read's blocks (none past MAXIMUM TRANSFER LENGTH, which is refused), and
+    /// parameter data up to its ALLOCATION LENGTH and at most 64 KiB.
+    pub fn data_in_length(&self, block_size: u32) -> u64 {
+        match &self.request {
+            Action::Read(io) => {
+                let len = u64::from(io.blocks) * u64::from(block_size);
+                if len > crate::block::MAX_TRANSFER_BYTES { 0 } else { len }
+            }
+            _ => self.allocation.map_or(0, |a| u64::from(a).min(PARAMETER_DATA_LIMIT)),
+        }
+    }
 }
+
+/// Most data-in [`Cdb::data_in_length`] counts for a command that answers with parameter
+/// data (INQUIRY, MODE SENSE, REPORT LUNS, ...): its ALLOCATION LENGTH may say 4 GiB, but
+/// what it produces here is a few KiB (REPORT LUNS grows by 8 bytes a LUN).
+pub(crate) const PARAMETER_DATA_LIMIT: u64 = 64 << 10;
 
 /// Field access with the CDB length already checked.
 struct Fields<'a>(&'a [u8]);

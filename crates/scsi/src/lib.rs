@@ -32,7 +32,9 @@
 //!   connection is lost, and [`LogicalUnit::reset`] for LOGICAL UNIT RESET (on that LU) and
 //!   TARGET WARM/COLD RESET (on every LU);
 //! - compute write residuals from [`LogicalUnit::data_out_length`] (a write whose data-out
-//!   is short writes the whole blocks it got; extra data-out is ignored);
+//!   is short writes the whole blocks it got; extra data-out is ignored), and bound the
+//!   memory of a command before it runs by its [`LogicalUnit::data_in_length`] (both from
+//!   one parse: [`transfer`]);
 //! - abort tasks itself (ABORT TASK, ABORT TASK SET, CLEAR TASK SET, the abort half of
 //!   PREEMPT AND ABORT): a command future may be dropped at an await point, and a running
 //!   SANITIZE carries on in the background as SBC-3 requires. The control mode page says
@@ -62,7 +64,7 @@ pub use cdb::{Cdb, parse};
 pub use copy::Directory;
 pub use lu::LogicalUnit;
 pub use sense::Sense;
-pub use target::{LunMap, decode_lun, encode_lun, execute};
+pub use target::{LunMap, Transfer, decode_lun, encode_lun, execute, transfer};
 
 /// The I_T nexus a command arrives on: who sent it, through which target port.
 /// Reservations and unit attentions are kept per nexus.

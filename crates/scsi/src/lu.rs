@@ -152,6 +152,13 @@ impl LogicalUnit {
         cdb::parse(cdb).map_or(0, |c| c.data_out_length(self.block_size))
     }
 
+    /// Bytes of data-in `cdb` produces at most (0 when it produces none or does not
+    /// parse), so the transport can charge the buffer a command holds while it runs, before
+    /// it runs (see [`crate::Cdb::data_in_length`]).
+    pub fn data_in_length(&self, cdb: &[u8]) -> u64 {
+        cdb::parse(cdb).map_or(0, |c| c.data_in_length(self.block_size))
+    }
+
     /// Runs one command from `nexus`.
     pub async fn execute(&self, nexus: &Nexus, command: &Command) -> Outcome {
         let opcode = command.cdb.first().copied();

@@ -59,6 +59,30 @@ pub(crate) fn report_luns(luns: impl Iterator<Item = u64>) -> Bytes {
     Bytes::from(out)
 }
 
+/// The data a command moves as its CDB says (see [`transfer`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transfer {
+    /// Data-in it produces at most ([`crate::Cdb::data_in_length`]): what its buffer holds
+    /// while it runs.
+    pub data_in: u64,
+    /// Data-out it asks for ([`LogicalUnit::data_out_length`]); 0 on a LUN with no LU.
+    pub data_out: u64,
+}
+
+/// What `cdb` sent to `lun` moves, from one parse: the transport charges the data-in
+/// before the command runs and measures write residuals against the data-out. On a LUN
+/// with no LU nothing reads or writes blocks; INQUIRY and REQUEST SENSE still answer.
+pub fn transfer(luns: &LunMap, lun: u64, cdb: &[u8]) -> Transfer {
+    let Ok(parsed) = cdb::parse(cdb) else { return Transfer::default() };
+    match luns.get(&lun) {
+        Some(lu) => Transfer {
+            data_in: parsed.data_in_length(lu.block_size()),
+            data_out: parsed.data_out_length(lu.block_size()),
+        },
+        None => Transfer { data_in: parsed.data_in_length(0), data_out: 0 },
+    }
+}
+
 /// Runs a command addressed to `lun`. REPORT LUNS is answered for any LUN (LUN 0 included
 /// when it has no LU); INQUIRY to a LUN with no LU answers peripheral qualifier 011b,
 /// device type 1Fh; REQUEST SENSE there returns LOGICAL UNIT NOT SUPPORTED as its data;

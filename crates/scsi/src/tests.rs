@@ -187,6 +187,32 @@ async fn short_data_out_writes_whole_blocks_and_extra_is_ignored() {
 }
 
 #[tokio::test]
+async fn data_in_length_is_what_a_command_can_produce() {
+    let f = fixture();
+    let mut luns = LunMap::new();
+    luns.insert(0, f.lu.clone());
+    // A read produces its blocks whatever the transport expects; one past MAXIMUM
+    // TRANSFER LENGTH is refused and produces none.
+    assert_eq!(f.lu.data_in_length(&cdb16(op::READ_16, 0, 2)), 1024);
+    let max = u32::try_from(crate::block::MAX_TRANSFER_BYTES / 512).unwrap();
+    assert_eq!(f.lu.data_in_length(&cdb16(op::READ_16, 0, max)), 8 << 20);
+    assert_eq!(f.lu.data_in_length(&cdb16(op::READ_16, 0, max + 1)), 0);
+    assert_eq!(f.lu.data_in_length(&cdb16(op::WRITE_16, 0, 2)), 0);
+    // Parameter data: its allocation length, but not the 4 GiB a CDB may ask for.
+    assert_eq!(f.lu.data_in_length(&[op::INQUIRY, 0, 0, 0, 96, 0]), 96);
+    let report = [op::REPORT_LUNS, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0];
+    assert_eq!(f.lu.data_in_length(&report), crate::cdb::PARAMETER_DATA_LIMIT);
+    let produced = run(&f.lu, &nexus(1), &[op::INQUIRY, 1, 0x83, 0xff, 0xff, 0], &[]).await;
+    assert!(good(&produced).len() as u64 <= crate::cdb::PARAMETER_DATA_LIMIT);
+    // One parse for both directions; a LUN with no LU reads no blocks.
+    let write = crate::transfer(&luns, 0, &cdb16(op::WRITE_16, 0, 3));
+    assert_eq!(write, crate::Transfer { data_in: 0, data_out: 1536 });
+    assert_eq!(crate::transfer(&luns, 0, &cdb16(op::READ_16, 0, 3)).data_in, 1536);
+    assert_eq!(crate::transfer(&luns, 5, &cdb16(op::READ_16, 0, 3)), crate::Transfer::default());
+    assert_eq!(crate::transfer(&luns, 5, &[op::INQUIRY, 0, 0, 0, 36, 0]).data_in, 36);
+}
+
+#[tokio::test]
 async fn out_of_range_and_protection_fields() {
     let f = fixture();
     let n = nexus(1);

@@ -5,7 +5,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use strata_scsi::{Command, Outcome, Status};
 
-use super::{Connection, Done, Executing, Receiving, SANITIZE, len32};
+use super::{Connection, Done, Executing, Receiving, SANITIZE, WAITING_LIMIT, keep, len32, waiting_bytes};
 use crate::login::{COMMAND_WINDOW, SessionKind};
 use crate::pdu::{self, NO_TAG, Pdu, op};
 
@@ -30,40 +30,59 @@ const OVERFLOW: u8 = 0x04;
 impl Connection<'_> {
     pub(super) fn scsi_command(&mut self, pdu: Pdu) {
         if !self.parked.is_empty() {
-            if self.receiving.len() + self.executing.len() + self.parked.len() >= MAX_TASKS {
-                let outcome = Outcome { status: Status::TaskSetFull, data: Bytes::new(), sense: None };
-                self.respond(pdu.itt(), outcome, pdu.u32_at(20), false, 0);
-                return;
-            }
             // Behind commands waiting for the budget: keep the initiator's order.
-            self.parked.push_back(pdu);
+            self.park(pdu);
             return;
         }
-        self.command(pdu);
+        if let Some(pdu) = self.command(pdu) {
+            self.park(pdu);
+        }
+    }
+
+    /// Parks a command behind the others waiting for the budget, with its own copy of its
+    /// data, or answers TASK SET FULL when the connection holds MAX_TASKS or its waiting
+    /// commands would keep more than WAITING_LIMIT.
+    fn park(&mut self, mut pdu: Pdu) {
+        let tasks = self.receiving.len() + self.executing.len() + self.parked.len();
+        if tasks >= MAX_TASKS || self.waiting() + waiting_bytes(&pdu) > WAITING_LIMIT {
+            self.task_set_full(&pdu);
+            return;
+        }
+        keep(&mut pdu);
+        self.parked.push_back(pdu);
+    }
+
+    /// Answers a command the connection cannot take now with TASK SET FULL: the initiator
+    /// sends it again later.
+    pub(super) fn task_set_full(&mut self, pdu: &Pdu) {
+        let outcome = Outcome { status: Status::TaskSetFull, data: Bytes::new(), sense: None };
+        self.respond(pdu.itt(), outcome, pdu.u32_at(20), false, 0);
     }
 
     /// Starts the parked commands whose charges now fit, in order.
     pub(super) fn resume_parked(&mut self) {
         while let Some(pdu) = self.parked.pop_front() {
-            self.command(pdu);
-            if self.blocked.is_some() {
+            if let Some(pdu) = self.command(pdu) {
+                // Still the oldest.
+                self.parked.push_front(pdu);
                 return;
             }
         }
     }
 
-    /// Takes a SCSI command: refuses it, parks it (at the front: it is the oldest) while
-    /// its charge does not fit, or starts collecting its data or running it.
-    fn command(&mut self, pdu: Pdu) {
+    /// Takes a SCSI command: refuses it, starts collecting its data or running it, or,
+    /// while its charge does not fit, gives it back to be parked.
+    #[must_use]
+    fn command(&mut self, pdu: Pdu) -> Option<Pdu> {
         self.blocked = None;
         if matches!(self.kind, SessionKind::Discovery) {
             self.protocol_error(&pdu.header, "SCSI command in a discovery session");
-            return;
+            return None;
         }
         let itt = pdu.itt();
         if self.receiving.contains_key(&itt) || self.executing.contains_key(&itt) {
             self.protocol_error(&pdu.header, "SCSI command reuses the ITT of a task under way");
-            return;
+            return None;
         }
         let flags = pdu.flags();
         let edtl = pdu.u32_at(20);
@@ -81,22 +100,21 @@ impl Connection<'_> {
         let immediate = pdu.data.len();
         if !write && immediate > 0 {
             self.protocol_error(&pdu.header, "data with a command that has no W bit");
-            return;
+            return None;
         }
         if write && immediate > 0 && !self.params.immediate_data {
             self.protocol_error(&pdu.header, "immediate data when ImmediateData=No");
-            return;
+            return None;
         }
         if immediate as u64 > u64::from(edtl.min(self.params.first_burst_length)) {
             self.protocol_error(&pdu.header, "immediate data beyond the expected transfer or first burst");
-            return;
+            return None;
         }
         self.refresh_luns();
         if self.receiving.len() + self.executing.len() + self.parked.len() >= MAX_TASKS {
             // Immediate commands take no CmdSN, so the window does not bound them.
-            let outcome = Outcome { status: Status::TaskSetFull, data: Bytes::new(), sense: None };
-            self.respond(itt, outcome, edtl, false, 0);
-            return;
+            self.task_set_full(&pdu);
+            return None;
         }
         if edtl > MAX_TRANSFER && write {
             // Too large to buffer: answer at once; unsolicited data for it is ignored.
@@ -106,18 +124,23 @@ impl Connection<'_> {
                 sense: Some(Bytes::from_static(&INVALID_FIELD_IN_CDB)),
             };
             self.respond(itt, outcome, edtl, false, 0);
-            return;
+            return None;
         }
-        // A read's data-in or a write's data-out, held until the response is sent.
-        let charge = u64::from(edtl.min(MAX_TRANSFER));
+        // The data-in its CDB will produce (whatever the initiator expects) and a write's
+        // data-out, from one parse that also gives the data-out a write's residual is
+        // measured against.
+        let transfer = strata_scsi::transfer(&self.luns, lun, &cdb);
+        let data_out = if write { u64::from(edtl) } else { 0 };
+        let charge = transfer.data_in + data_out;
         if let Err(full) = self.account.try_charge(charge) {
             self.blocked = Some(full);
-            self.parked.push_front(pdu);
-            return;
+            return Some(pdu);
         }
+        // Only writes need what their CDB asks for (reads count the data they produce).
+        let wanted_out = if read { 0 } else { transfer.data_out };
         if !write || edtl == 0 {
-            self.execute(itt, lun, cdb, Bytes::new(), edtl, read, charge);
-            return;
+            self.execute(itt, lun, cdb, Bytes::new(), edtl, read, charge, wanted_out);
+            return None;
         }
         let unsolicited = if self.params.initial_r2t || pdu.is_final() {
             len32(immediate)
@@ -139,9 +162,11 @@ impl Connection<'_> {
             data_sn: 0,
             r2t_sn: 0,
             charge,
+            wanted_out,
         };
         self.receiving.insert(itt, task);
         self.advance_write(itt, pdu.lun());
+        None
     }
 
     /// After data arrived for `itt`: execute it when complete, or ask for the next burst.
@@ -150,7 +175,8 @@ impl Connection<'_> {
         let received = len32(task.data.len());
         if received == task.edtl {
             let task = self.receiving.remove(&itt).expect("present");
-            self.execute(itt, task.lun, task.cdb, task.data.freeze(), task.edtl, task.read, task.charge);
+            let data = task.data.freeze();
+            self.execute(itt, task.lun, task.cdb, data, task.edtl, task.read, task.charge, task.wanted_out);
             return;
         }
         if received < task.burst_end {
@@ -231,6 +257,7 @@ impl Connection<'_> {
         edtl: u32,
         read: bool,
         charge: u64,
+        wanted_out: u64,
     ) {
         let luns = self.luns.clone();
         let nexus = self.nexus.clone();
@@ -239,18 +266,17 @@ impl Connection<'_> {
         self.executing.insert(itt, Executing { lun, aborted: false, background, charge });
         self.running.push(Box::pin(async move {
             let outcome = strata_scsi::execute(&luns, lun, &nexus, &command).await;
-            // Only writes need what their CDB asks for (reads count the data they produce),
-            // so a read's CDB is not parsed a second time.
-            let wanted_out =
-                if read { 0 } else { luns.get(&lun).map_or(0, |lu| lu.data_out_length(&command.cdb)) };
             (itt, outcome, edtl, read, wanted_out)
         }));
     }
 
     pub(super) fn complete(&mut self, (itt, outcome, edtl, read, wanted_out): Done) {
         let (aborted, charge) = self.executing.remove(&itt).map_or((false, 0), |e| (e.aborted, e.charge));
-        // Released once the response (if any) is on the socket.
-        self.unsent += charge;
+        // Done, a command keeps at most its expected transfer length, released once its
+        // response is on the socket: a read whose CDB asked for more gives the rest back now.
+        let kept = if aborted { 0 } else { charge.min(u64::from(edtl)) };
+        self.account.release(charge - kept);
+        self.unsent += kept;
         if aborted {
             self.tmf_progress(itt);
         } else {

@@ -58,7 +58,8 @@ impl Connection<'_> {
                     tmf::COMPLETE
                 } else {
                     let ref_cmd_sn = pdu.u32_at(32);
-                    let queued = self.queued.iter().find(|(_, p)| p.itt() == referenced).map(|(sn, _)| *sn);
+                    let queued =
+                        self.queued.iter().find(|(_, q)| q.pdu.itt() == referenced).map(|(sn, _)| *sn);
                     match queued {
                         Some(sn) if sn == ref_cmd_sn => {
                             self.queued.remove(&sn);
@@ -120,7 +121,8 @@ impl Connection<'_> {
         });
         self.unsent += released;
         self.parked.retain(|p| lun.is_some_and(|l| l != strata_scsi::decode_lun(p.lun())));
-        self.queued.retain(|_, p| {
+        self.queued.retain(|_, q| {
+            let p = &q.pdu;
             p.opcode() != op::SCSI_COMMAND || lun.is_some_and(|l| l != strata_scsi::decode_lun(p.lun()))
         });
         let mut waiting = Vec::new();

@@ -7,15 +7,20 @@
 //! already started always run to completion (the block-IO contract); an aborted command's
 //! response is not sent, and the task management response waits for it.
 //!
-//! Memory is bounded by a byte budget (`strata_net::budget`): a command is charged its
-//! expected transfer length (a read's data-in, a write's data-out) from its arrival until
-//! its response is on the socket. A command whose charge does not fit is parked, in
-//! order, and the connection reads no more from the socket (unless a write still waits
-//! for its Data-Out) until replies have gone out. Writes race with reading, completions,
-//! keep-alive and shutdown in one `select!`; an initiator that takes no byte for
-//! `SEND_TIMEOUT` or the keep-alive's interval and timeout, whichever is shorter (or
-//! `SHUTDOWN_GRACE` once the connection closes), is dropped, after the commands it
-//! started have finished.
+//! Memory is bounded by a byte budget (`strata_net::budget`): from its start a command is
+//! charged the data-in its CDB will produce (not the initiator's expected length, which
+//! may be smaller) and a write's data-out; once it completes, while its response waits
+//! for the socket, no more than its expected transfer length. A command whose charge does
+//! not fit is parked, in order, and the connection reads no more from the socket (unless
+//! a write still waits for its Data-Out) until replies have gone out. Commands not yet
+//! started (ahead of their CmdSN, or parked) keep their own copy of their immediate data,
+//! at most [`WAITING_LIMIT`] per connection beyond its budget: past it a command is
+//! answered TASK SET FULL (in its turn, when it is ahead of its CmdSN), so reading on, for
+//! Data-Out or for a missing CmdSN, neither deadlocks nor holds more. Writes race with
+//! reading, completions, keep-alive and shutdown in one `select!`; an initiator that
+//! takes no byte for `SEND_TIMEOUT` or the keep-alive's interval and timeout, whichever is
+//! shorter (or `SHUTDOWN_GRACE` once the connection closes), is dropped, after the
+//! commands it started have finished.
 //!
 //! At ErrorRecoveryLevel 0 a protocol error (a bad digest, a PDU too long, immediate
 //! data beyond what was negotiated) is answered with a Reject and ends the connection.
@@ -56,6 +61,11 @@ const READ_ROOM: usize = 256 << 10;
 /// Unsent bytes beyond which the connection reads nothing new (replies that carry no
 /// charge, such as NOP-In echoes, cannot pile up either).
 const OUTBOX_LIMIT: u64 = CONNECTION_BUDGET;
+/// Bytes of data and AHS that commands not yet started (ahead of their CmdSN, or parked
+/// behind the budget) may keep, per connection, beyond its budget: sixteen writes with
+/// 256 KiB of immediate data each, what a host with 1 MiB writes at queue depth 32 has
+/// waiting behind a full budget. Beyond it, commands are refused with TASK SET FULL.
+const WAITING_LIMIT: u64 = 4 << 20;
 
 /// How a connection keeps its initiator honest when idle.
 #[derive(Clone, Copy, Debug)]
@@ -90,6 +100,16 @@ struct Receiving {
     r2t_sn: u32,
     /// Bytes charged to the connection's budget.
     charge: u64,
+    /// The data-out its CDB asks for (write residuals are measured against it).
+    wanted_out: u64,
+}
+
+/// A PDU that arrived ahead of its CmdSN.
+struct Queued {
+    pdu: Pdu,
+    /// Its data was not kept (the connection's waiting commands held [`WAITING_LIMIT`]):
+    /// in its turn it is answered TASK SET FULL.
+    refused: bool,
 }
 
 /// A finished command: its ITT, outcome, expected transfer length, read flag, and the
@@ -123,7 +143,7 @@ struct Connection<'a> {
     luns: Arc<LunMap>,
     generation: u64,
     /// Commands that arrived ahead of ExpCmdSN, by CmdSN.
-    queued: BTreeMap<u32, Pdu>,
+    queued: BTreeMap<u32, Queued>,
     receiving: HashMap<u32, Receiving>,
     /// Commands executing, by ITT.
     executing: HashMap<u32, Executing>,
@@ -336,6 +356,19 @@ async fn stopped(stop: Option<&mut watch::Receiver<bool>>) {
     }
 }
 
+/// Bytes a PDU keeps while it waits for its turn: its data segment and AHS.
+fn waiting_bytes(pdu: &Pdu) -> u64 {
+    (pdu.data.len() + pdu.ahs.len()) as u64
+}
+
+/// Gives a PDU that waits for its turn its own copy of its data and AHS: as slices of the
+/// read buffer, even empty ones, they would keep the whole buffer (256 KiB or more) alive.
+fn keep(pdu: &mut Pdu) {
+    let own = |b: &Bytes| if b.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(b) };
+    pdu.data = own(&pdu.data);
+    pdu.ahs = own(&pdu.ahs);
+}
+
 /// A buffer length as the 32-bit field it goes in (every buffer here is bounded by
 /// MAX_TRANSFER or a data segment length).
 fn len32(n: usize) -> u32 {
@@ -454,15 +487,50 @@ impl Connection<'_> {
             self.handle(pdu);
             while let Some(next) = self.queued.remove(&self.exp_cmd_sn) {
                 self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
-                self.handle(next);
+                if next.refused {
+                    self.task_set_full(&next.pdu);
+                } else {
+                    self.handle(next.pdu);
+                }
             }
         } else if serial_lt(self.exp_cmd_sn, cmd_sn) && cmd_sn.wrapping_sub(self.exp_cmd_sn) < COMMAND_WINDOW
         {
-            self.queued.insert(cmd_sn, pdu);
+            self.queue(cmd_sn, pdu);
         } else {
             // Outside the window: silently ignored (RFC 7143 §4.2.2.1).
             tracing::debug!(cmd_sn, exp = self.exp_cmd_sn, "ignoring a command outside the CmdSN window");
         }
+    }
+
+    /// Keeps a PDU that came ahead of its CmdSN until its turn, with its own copy of its
+    /// data within [`WAITING_LIMIT`]. Beyond it a SCSI command keeps only its header and is
+    /// refused in its turn, so the connection reads on, for the CmdSN that is missing, in
+    /// bounded memory; a NOP-Out or Text request there ends the connection (at
+    /// ErrorRecoveryLevel 0 on a one-connection session, CmdSN order is never broken).
+    fn queue(&mut self, cmd_sn: u32, mut pdu: Pdu) {
+        if self.queued.contains_key(&cmd_sn) {
+            // A duplicate within the window: silently ignored (RFC 7143 §4.2.2.1).
+            return;
+        }
+        let refused = self.waiting() + waiting_bytes(&pdu) > WAITING_LIMIT;
+        if refused && pdu.opcode() != op::SCSI_COMMAND {
+            self.protocol_error(&pdu.header, "requests ahead of their CmdSN hold more data than is kept");
+            return;
+        }
+        if refused {
+            pdu.data = Bytes::new();
+            pdu.ahs = Bytes::new();
+        } else {
+            keep(&mut pdu);
+        }
+        self.queued.insert(cmd_sn, Queued { pdu, refused });
+    }
+
+    /// Bytes of data and AHS kept by commands not yet started: ahead of their CmdSN, or
+    /// parked (a few hundred at most, counted when one more would be kept).
+    fn waiting(&self) -> u64 {
+        let queued: u64 = self.queued.values().map(|q| waiting_bytes(&q.pdu)).sum();
+        queued + self.parked.iter().map(waiting_bytes).sum::<u64>()
     }
 
     fn handle(&mut self, pdu: Pdu) {
