@@ -11,9 +11,12 @@
 //!
 //! Memory is bounded by a byte budget (`strata_net::budget`): each request is charged
 //! its payload or read buffer from its start until its reply is on the socket, and the
-//! connection reads no new request while the charge would not fit. A client that takes
-//! no byte of its replies for `SEND_TIMEOUT` (or `SHUTDOWN_GRACE` once the server shuts
-//! down) is treated as gone: what it asked is finished, its replies dropped.
+//! connection reads no new request while the charge would not fit. A request the export
+//! refuses (a read past its end or above `MAX_PAYLOAD`) holds no buffer and is charged
+//! nothing. A client that takes no byte of its replies for `SEND_TIMEOUT`, or does not
+//! take replies written together within `send_allowance` of their size (or within
+//! `SHUTDOWN_GRACE` once the server shuts down) is treated as gone: what it asked is
+//! finished, its replies dropped.
 
 use std::future::Future;
 
@@ -21,7 +24,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
 use strata_block::{Durability, IoError, Span};
-use strata_net::budget::{Account, Full, SEND_TIMEOUT, SHUTDOWN_GRACE};
+use strata_net::budget::{Account, Full, SEND_TIMEOUT, SHUTDOWN_GRACE, send_allowance};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -77,9 +80,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut stalled: Option<Full> = None;
     let export = &session.export;
     loop {
-        while let Some(Some((request, outcome))) = in_flight.next().now_or_never() {
+        while let Some(Some((request, weight, outcome))) = in_flight.next().now_or_never() {
             requests -= 1;
-            let weight = weight(&request);
             if writable {
                 unsent += weight;
                 writable = reply(&mut stream, &mut output, &mut sender, &session, request, outcome).await;
@@ -121,17 +123,22 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 },
             };
+            let checked = check(export, &session, &request);
+            let weight = weight(&request, checked.is_ok());
             let charged = if prepaid > 0 {
                 // The write whose payload was charged as it arrived.
-                debug_assert_eq!(prepaid, weight(&request));
-                Ok(std::mem::take(&mut prepaid))
+                debug_assert_eq!(prepaid, weight);
+                prepaid = 0;
+                Ok(())
+            } else if weight == 0 {
+                Ok(())
             } else {
-                account.try_charge(weight(&request)).map(|()| 0)
+                account.try_charge(weight)
             };
             match charged {
-                Ok(_) => {
+                Ok(()) => {
                     requests += 1;
-                    in_flight.push(start(export, &session, request));
+                    in_flight.push(start(export, request, checked, weight));
                 }
                 Err(full) => {
                     // Over budget: read nothing new until replies have gone out.
@@ -152,9 +159,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let shared_full = matches!(waiting, Some((_, Full::Controller))) || stalled == Some(Full::Controller);
         tokio::select! {
             biased;
-            Some((request, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((request, weight, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                 requests -= 1;
-                let weight = weight(&request);
                 if writable {
                     unsent += weight;
                     writable = reply(&mut stream, &mut output, &mut sender, &session, request, outcome).await;
@@ -180,18 +186,24 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Bytes a request holds while in flight and until its reply is sent: its payload or its
-/// read buffer.
-fn weight(request: &Request) -> u64 {
-    match request.kind {
-        cmd::READ | cmd::WRITE => u64::from(request.length),
-        _ => 0,
-    }
+/// Bytes a request holds while in flight and until its reply is sent: a write's payload
+/// (in memory once decoded, whether or not the export takes it) or the read buffer of a
+/// read the export takes. A refused read holds nothing: charging what it asked for would
+/// let one request of 4 GiB take the whole shared budget. Never more than a request can
+/// hold ([`proto::MAX_PAYLOAD`]).
+fn weight(request: &Request, accepted: bool) -> u64 {
+    let holds = match request.kind {
+        cmd::WRITE => true,
+        cmd::READ => accepted,
+        _ => false,
+    };
+    if holds { u64::from(request.length.min(proto::MAX_PAYLOAD)) } else { 0 }
 }
 
-/// Writes replies within [`SEND_TIMEOUT`] of the client last taking a byte, and within
-/// [`SHUTDOWN_GRACE`] once the server shuts down, so a client that does not read can hold
-/// neither memory nor shutdown for long.
+/// Writes replies within [`SEND_TIMEOUT`] of the client last taking a byte, each buffer
+/// within [`send_allowance`] of its size from when the socket first made it wait, and
+/// within [`SHUTDOWN_GRACE`] once the server shuts down, so a client that does not read,
+/// or reads a byte now and then, can hold neither memory nor shutdown for long.
 struct Sender {
     shutdown: watch::Receiver<bool>,
     /// When replies must have gone out: set once the server shuts down.
@@ -205,11 +217,17 @@ impl Sender {
 
     /// Writes all of `buf`; an error (a timeout among them) means the client is gone.
     async fn send<W: AsyncWrite + Unpin>(&mut self, stream: &mut W, mut buf: &[u8]) -> std::io::Result<()> {
+        // When all of `buf` must have gone: set when the socket first makes it wait.
+        let mut give_up_by = None;
         while !buf.is_empty() {
             // Most writes complete at once: no timer for them.
             let written = match stream.write(buf).now_or_never() {
                 Some(written) => written?,
-                None => self.write_within(stream, buf).await?,
+                None => {
+                    let give_up_by =
+                        *give_up_by.get_or_insert_with(|| Instant::now() + send_allowance(buf.len()));
+                    self.write_within(stream, buf, give_up_by).await?
+                }
             };
             if written == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
@@ -219,17 +237,19 @@ impl Sender {
         Ok(())
     }
 
-    /// One write that waits for the socket, up to the deadline.
+    /// One write that waits for the socket: at most [`SEND_TIMEOUT`], and not past
+    /// `give_up_by` nor the shutdown's deadline.
     async fn write_within<W: AsyncWrite + Unpin>(
         &mut self,
         stream: &mut W,
         buf: &[u8],
+        give_up_by: Instant,
     ) -> std::io::Result<usize> {
         loop {
             if self.stop_by.is_none() && *self.shutdown.borrow() {
                 self.stop_by = Some(Instant::now() + SHUTDOWN_GRACE);
             }
-            let mut deadline = Instant::now() + SEND_TIMEOUT;
+            let mut deadline = (Instant::now() + SEND_TIMEOUT).min(give_up_by);
             if let Some(stop_by) = self.stop_by {
                 deadline = deadline.min(stop_by);
             }
@@ -248,17 +268,18 @@ impl Sender {
     }
 }
 
-/// Checks `request` and starts it; a refused request completes at once with its errno.
+/// Starts `request` as `check` found it; a refused request completes at once with its
+/// errno. The future gives back the request's charge with its outcome.
 fn start(
     export: &Export,
-    session: &Negotiated,
     request: Request,
-) -> impl Future<Output = (Request, Outcome)> + Send + use<> {
-    let check = check(export, session, &request);
+    check: Result<(), (u32, String)>,
+    weight: u64,
+) -> impl Future<Output = (Request, u64, Outcome)> + Send + use<> {
     let device = export.device.clone();
     async move {
         if let Err((code, message)) = check {
-            return (request, Outcome::Failed(code, message));
+            return (request, weight, Outcome::Failed(code, message));
         }
         let (offset, len) = (request.offset, u64::from(request.length));
         let fua = request.flags & cflag::FUA != 0;
@@ -285,7 +306,7 @@ fn start(
             _ => unreachable!("check() refuses other commands"),
         };
         let outcome = result.unwrap_or_else(|e| Outcome::Failed(io_errno(&e), e.to_string()));
-        (request, outcome)
+        (request, weight, outcome)
     }
 }
 
@@ -418,4 +439,118 @@ async fn reply<W: AsyncWrite + Unpin>(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use strata_block::MemDevice;
+    use strata_net::budget::{Budget, CONTROLLER_BUDGET};
+    use tokio::io::DuplexStream;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A connection served over an in-memory pipe of `pipe` bytes, so replies wait for
+    /// the client as they would for a full socket.
+    fn connect(pipe: usize, controller: &std::sync::Arc<Budget>) -> (DuplexStream, JoinHandle<()>) {
+        let device = MemDevice::new("m", 64 * MIB, 512);
+        let export = Export { name: "e".into(), description: String::new(), device, read_only: false };
+        let session = Negotiated { export, structured: false, block_status: false };
+        let (client, server) = tokio::io::duplex(pipe);
+        let (stop, shutdown) = watch::channel(false);
+        let account = Account::connection(controller);
+        let task = tokio::spawn(async move {
+            serve(server, session, shutdown, account).await;
+            drop(stop);
+        });
+        (client, task)
+    }
+
+    fn read_request(cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+        let mut b = Vec::with_capacity(28);
+        b.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&cmd::READ.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&length.to_be_bytes());
+        b
+    }
+
+    /// Lets every task run until all wait (paused time moves on only then).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_refused_read_takes_nothing_from_the_shared_budget() {
+        let controller = Budget::new(CONTROLLER_BUDGET);
+        // Room for half a reply: the error reply waits for the client, who does not read.
+        let (mut client, task) = connect(8, &controller);
+        client.write_all(&read_request(7, 0, u32::MAX)).await.unwrap();
+        settle().await;
+        assert_eq!(controller.used(), 0, "a refused read holds no buffer");
+        let mut other = Account::connection(&controller);
+        assert_eq!(other.try_charge(16 * MIB), Ok(()), "the budget is left to others");
+        drop(other);
+        let mut reply = [0u8; 16];
+        client.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply[4..8], errno::EOVERFLOW.to_be_bytes());
+        assert_eq!(reply[8..], 7u64.to_be_bytes());
+        drop(client);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_client_reading_a_trickle_is_dropped_within_its_allowance() {
+        let controller = Budget::new(CONTROLLER_BUDGET);
+        let (mut client, task) = connect(64 << 10, &controller);
+        client.write_all(&read_request(1, 0, 1 << 20)).await.unwrap();
+        settle().await;
+        assert_eq!(controller.used(), 0, "1 MiB is within the connection's floor");
+        let started = Instant::now();
+        // One byte every 29 s: never idle for SEND_TIMEOUT, but 1 MiB would take a year.
+        let mut byte = [0u8; 1];
+        for _ in 0..10 {
+            if task.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(29)).await;
+            client.read_exact(&mut byte).await.unwrap();
+        }
+        assert!(task.is_finished(), "the trickle kept its reply for {:?}", started.elapsed());
+        let allowance = send_allowance(1 << 20);
+        assert!(
+            started.elapsed() <= allowance + Duration::from_secs(29),
+            "dropped after {:?}",
+            started.elapsed()
+        );
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_slow_client_above_the_minimum_rate_gets_its_whole_reply() {
+        let controller = Budget::new(CONTROLLER_BUDGET);
+        let (mut client, task) = connect(64 << 10, &controller);
+        client.write_all(&read_request(1, 0, 16 << 20)).await.unwrap();
+        settle().await;
+        assert_eq!(controller.used(), 15 * MIB, "held beyond the floor while it goes out");
+        // 64 KiB every 200 ms: 320 KiB/s, above the minimum rate; 51 s in all, longer
+        // than SEND_TIMEOUT.
+        let mut reply = vec![0u8; 16 + (16 << 20)];
+        for piece in reply.chunks_mut(64 << 10) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client.read_exact(piece).await.unwrap();
+        }
+        assert_eq!(reply[..4], proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(reply[4..8], [0; 4], "no error");
+        settle().await;
+        assert_eq!(controller.used(), 0);
+        drop(client);
+        task.await.unwrap();
+    }
 }
