@@ -346,3 +346,106 @@ fn a_member_found_under_another_path_is_taken_back() {
     check_volumes(&server, 2);
     drop(server);
 }
+
+/// Runs `strata serve` on `dir` with `extra` arguments; it must refuse to start. Returns
+/// what it printed.
+fn refused_serve(dir: &Path, extra: &[&str]) -> String {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(common::STRATA)
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("strata serve started on {} although it must refuse it", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "serve must fail: {err}");
+    err
+}
+
+#[test]
+fn serve_refuses_a_device_folder_that_others_may_write_or_own() {
+    use std::os::unix::fs::MetadataExt;
+    let (tmp, dir) = data_dir();
+    let disks = tmp.path().join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let config = dir.with_extension("toml");
+    std::fs::write(&config, format!("device_dirs = [{:?}]\n", disks.to_str().unwrap())).unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    // Anyone could swap a device file there for a link to a disk between check and open.
+    std::fs::set_permissions(&disks, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = refused_serve(&dir, &args);
+    assert!(err.contains(&format!("run `chmod 700 {}`", disks.display())), "{err}");
+    std::fs::set_permissions(&disks, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if std::fs::metadata(&dir).unwrap().uid() == 0 {
+        std::os::unix::fs::chown(&disks, Some(65534), None).unwrap();
+        let err = refused_serve(&dir, &args);
+        assert!(err.contains("owned by user 65534") && err.contains("chown -R 0"), "{err}");
+        std::os::unix::fs::chown(&disks, Some(0), None).unwrap();
+    }
+    // Mended as told, it serves and takes device files there.
+    let server = Server::start_with(&dir, &args);
+    server.ok(&["device", "add", disks.join("d0").to_str().unwrap(), "--create", "64M"]);
+}
+
+#[test]
+fn a_devices_folder_entry_that_cannot_be_read_does_not_stop_serve() {
+    use std::os::unix::process::CommandExt;
+    let (tmp, dir) = data_dir();
+    let devices = dir.join("devices");
+    let lost = devices.join("lost+found");
+    std::fs::create_dir_all(&lost).unwrap();
+    std::os::unix::fs::symlink("loop-b", devices.join("loop-a")).unwrap();
+    std::os::unix::fs::symlink("loop-a", devices.join("loop-b")).unwrap();
+    // As when `devices/` is a mount point and `serve` runs as its own user: a root-owned
+    // `lost+found` it may not list. Root may list anything, so root runs it as nobody.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    std::fs::set_permissions(&lost, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if as_root {
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for path in [&dir, &devices] {
+            std::os::unix::fs::chown(path, Some(65534), Some(65534)).unwrap();
+        }
+    } else {
+        std::fs::set_permissions(&lost, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let start = || {
+        Server::start_adjusted(&dir, &[], |command| {
+            if as_root {
+                command.uid(65534).gid(65534);
+            }
+        })
+    };
+    let server = start();
+    assert!(server.log().contains("lost+found"), "the skipped folder is named: {}", server.log());
+    server.ok(&["device", "add", devices.join("d0").to_str().unwrap(), "--create", "64M"]);
+    assert!(server.terminate().success());
+    let server = start();
+    let list = server.json(&["device", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["state"], "online", "{list}");
+    // It was found by the scan: no path needed recording.
+    let state = std::fs::read_to_string(dir.join("controller.json")).unwrap_or_else(|_| "{}".into());
+    let recorded = &serde_json::from_str::<serde_json::Value>(&state).unwrap()["device_paths"];
+    assert!(recorded.as_array().is_none_or(|paths| paths.is_empty()), "{state}");
+    drop(server);
+    if !as_root {
+        std::fs::set_permissions(&lost, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}
