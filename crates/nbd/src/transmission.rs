@@ -506,6 +506,41 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_large_read_waits_its_turn_and_is_not_overtaken() {
+        let controller = Budget::new(CONTROLLER_BUDGET);
+        // Seven busy connections hold 16 MiB each (105 MiB of the shared 128).
+        let mut busy: Vec<Account> = (0..7).map(|_| Account::connection(&controller)).collect();
+        for account in &mut busy {
+            account.try_charge(16 * MIB).unwrap();
+        }
+        let (mut client, task) = connect(64 << 10, &controller);
+        client.write_all(&read_request(1, 0, 32 << 20)).await.unwrap();
+        settle().await;
+        assert_eq!(controller.waiters(), 1, "the 32 MiB read waits for 31 MiB of the shared budget");
+        // The busy connections turn their replies over, each taking its next 16 MiB as
+        // soon as the last went out, as a client with a deep queue does.
+        let mut served = false;
+        for round in 0..20 {
+            let account = &mut busy[round % 7];
+            account.release(16 * MIB);
+            let _ = account.try_charge(16 * MIB);
+            settle().await;
+            // The read holds 31 MiB beside six busy connections' 15.
+            if controller.used() >= 31 * MIB + 6 * 15 * MIB {
+                served = true;
+                break;
+            }
+        }
+        assert!(served, "the large read was overtaken by newer charges every time");
+        let mut reply = vec![0u8; 16 + (32 << 20)];
+        client.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply[4..8], [0; 4], "no error");
+        drop(busy);
+        drop(client);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_client_reading_a_trickle_is_dropped_within_its_allowance() {
         let controller = Budget::new(CONTROLLER_BUDGET);
         let (mut client, task) = connect(64 << 10, &controller);
