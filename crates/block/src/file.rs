@@ -91,11 +91,20 @@ impl FileDevice {
     }
 
     /// Opens an existing file or block device as [`FileDevice::open`] does, but refuses a
-    /// path whose last component is a symbolic link (`O_NOFOLLOW`: the error is `ELOOP`):
-    /// for a path already made canonical and checked,
-    /// so a link swapped in between cannot make it open something else.
+    /// path with a symbolic link in it (the error is `ELOOP`): the last component is opened
+    /// `O_NOFOLLOW`, and the file opened must be the one the kernel names by `path`
+    /// (`/proc/self/fd`, where it is mounted), so a folder on the way swapped for a link
+    /// is caught too. For a path already made canonical and checked, so a link swapped in
+    /// between cannot make it open something else.
     pub fn open_no_follow(path: impl AsRef<Path>, options: &FileOptions) -> io::Result<Arc<Self>> {
-        Self::open_with(path.as_ref(), options, rustix::fs::OFlags::NOFOLLOW)
+        let path = path.as_ref();
+        let device = Self::open_with(path, options, rustix::fs::OFlags::NOFOLLOW)?;
+        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&*device.file));
+        match std::fs::read_link(proc_path) {
+            Ok(opened) if opened != path => Err(io::Error::from_raw_os_error(Errno::LOOP.raw_os_error())),
+            // Without /proc, the last component's check is all there is.
+            _ => Ok(device),
+        }
     }
 
     fn open_with(path: &Path, options: &FileOptions, extra: rustix::fs::OFlags) -> io::Result<Arc<Self>> {
@@ -565,6 +574,12 @@ mod tests {
         let e = FileDevice::open_no_follow(&link, &options).err().unwrap();
         assert_eq!(e.raw_os_error(), Some(Errno::LOOP.raw_os_error()), "{e}");
         assert!(FileDevice::open_no_follow(&file, &options).is_ok());
+        // A link to a folder on the way is refused too.
+        let folder_link = dir.path().join("folder-link");
+        std::os::unix::fs::symlink(dir.path(), &folder_link).unwrap();
+        assert!(FileDevice::open(folder_link.join("d"), &options).is_ok());
+        let e = FileDevice::open_no_follow(folder_link.join("d"), &options).err().unwrap();
+        assert_eq!(e.raw_os_error(), Some(Errno::LOOP.raw_os_error()), "{e}");
     }
 
     #[test]

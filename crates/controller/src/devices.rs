@@ -9,8 +9,9 @@
 //!   of the serve config, judged on the canonical path (links and `..` resolved).
 //!   `--create` never follows a link and never opens an existing file
 //!   (`O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0600). An existing device is opened by its
-//!   canonical path with `O_NOFOLLOW`, and what was opened must be what was checked, so a
-//!   file swapped for a link (or a block device for a file) in between is refused. Block
+//!   canonical path with no link on the way ([`FileDevice::open_no_follow`]), and what
+//!   was opened must be the kind checked, so a file or folder swapped for a link (or a
+//!   block device for a file) in between is refused. Block
 //!   devices are allowed wherever their node is: they are opened `O_EXCL`, so a mounted or
 //!   otherwise held one is refused.
 //! - **Allowed folders are the controller user's.** Each folder of `device_dirs` must be
