@@ -16,7 +16,8 @@
 //! nothing. A client that takes no byte of its replies for `SEND_TIMEOUT`, or does not
 //! take replies written together within `send_allowance` of their size (or within
 //! `SHUTDOWN_GRACE` once the server shuts down) is treated as gone: what it asked is
-//! finished, its replies dropped.
+//! finished, its replies dropped. So is one that does not send a write's payload, charged
+//! from its first byte, within `send_allowance` of its size.
 
 use std::future::Future;
 
@@ -76,6 +77,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut waiting: Option<(Request, Full)> = None;
     // The charge of a write whose payload is still arriving (taken before reading it).
     let mut prepaid = 0u64;
+    // When that payload must have arrived.
+    let mut payload_by: Option<Instant> = None;
     // Which budget keeps that payload from being read.
     let mut stalled: Option<Full> = None;
     let export = &session.export;
@@ -110,7 +113,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                             && let Some(length) = proto::incoming_payload(&input)
                         {
                             match account.try_charge(u64::from(length)) {
-                                Ok(()) => prepaid = u64::from(length),
+                                Ok(()) => {
+                                    prepaid = u64::from(length);
+                                    payload_by = Some(Instant::now() + send_allowance(length as usize));
+                                }
                                 Err(full) => stalled = Some(full),
                             }
                         }
@@ -129,6 +135,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // The write whose payload was charged as it arrived.
                 debug_assert_eq!(prepaid, weight);
                 prepaid = 0;
+                payload_by = None;
                 Ok(())
             } else if weight == 0 {
                 Ok(())
@@ -174,6 +181,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             () = account.controller().changed(), if reading && shared_full => {}
+            () = until(payload_by), if reading && prepaid > 0 => {
+                tracing::warn!(export = %export.name, "client does not send the payload of its write; disconnecting");
+                reading = false;
+            }
             _ = shutdown.changed(), if reading => reading = false,
         }
         if !writable {
@@ -183,6 +194,14 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if writable {
         let _ = stream.shutdown().await;
+    }
+}
+
+/// Returns at `deadline`; never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -538,6 +557,24 @@ mod tests {
         drop(busy);
         drop(client);
         task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_client_that_stops_mid_payload_is_dropped_within_its_allowance() {
+        let controller = Budget::new(CONTROLLER_BUDGET);
+        let (mut client, task) = connect(64 << 10, &controller);
+        let mut write = read_request(1, 0, 32 << 20);
+        write[6..8].copy_from_slice(&cmd::WRITE.to_be_bytes());
+        write.extend_from_slice(&[0xa5; 4096]);
+        client.write_all(&write).await.unwrap();
+        settle().await;
+        assert_eq!(controller.used(), 31 * MIB, "the payload is charged as it arrives");
+        let started = Instant::now();
+        tokio::time::sleep(send_allowance(32 << 20) + Duration::from_secs(1)).await;
+        assert!(task.is_finished(), "a stalled payload held 31 MiB for {:?}", started.elapsed());
+        assert_eq!(controller.used(), 0);
+        task.await.unwrap();
+        drop(client);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
