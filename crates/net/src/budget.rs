@@ -276,6 +276,14 @@ impl Account {
         Ok(())
     }
 
+    /// Steps out of the controller's line: the charge it waited for is no longer wanted
+    /// (its command was aborted or refused), so nobody keeps room for it.
+    pub fn leave_line(&mut self) {
+        if let Some(ticket) = self.place.take() {
+            self.controller.leave(ticket);
+        }
+    }
+
     /// Gives back `bytes` charged earlier.
     pub fn release(&mut self, bytes: u64) {
         debug_assert!(bytes <= self.held, "released more than was charged");
@@ -437,6 +445,23 @@ mod tests {
         drop(large);
         assert_eq!(controller.waiters(), 1);
         assert_eq!(other.try_charge(2 * MIB), Ok(()));
+        assert_eq!(controller.waiters(), 0);
+    }
+
+    #[test]
+    fn a_live_connection_whose_charge_is_no_longer_wanted_keeps_nothing() {
+        let controller = Budget::new(8 * MIB);
+        let mut holder = Account::new(16 * MIB, controller.clone());
+        holder.try_charge(5 * MIB).unwrap();
+        let mut aborted = Account::new(16 * MIB, controller.clone());
+        assert_eq!(aborted.try_charge(9 * MIB), Err(Full::Controller));
+        let mut other = Account::new(16 * MIB, controller.clone());
+        assert_eq!(other.try_charge(2 * MIB), Err(Full::Controller), "kept for the waiter");
+        aborted.leave_line();
+        assert_eq!(controller.waiters(), 1, "only the other one waits");
+        assert_eq!(other.try_charge(2 * MIB), Ok(()));
+        // Leaving twice, or without a place, changes nothing.
+        aborted.leave_line();
         assert_eq!(controller.waiters(), 0);
     }
 

@@ -59,7 +59,9 @@ impl Connection<'_> {
         self.respond(pdu.itt(), outcome, pdu.u32_at(20), false, 0);
     }
 
-    /// Starts the parked commands whose charges now fit, in order.
+    /// Starts the parked commands whose charges now fit, in order. With none left parked
+    /// (all started, aborted or refused), the connection waits for nothing and leaves the
+    /// controller's line.
     pub(super) fn resume_parked(&mut self) {
         while let Some(pdu) = self.parked.pop_front() {
             if let Some(pdu) = self.command(pdu) {
@@ -68,6 +70,7 @@ impl Connection<'_> {
                 return;
             }
         }
+        self.account.leave_line();
     }
 
     /// Takes a SCSI command: refuses it, starts collecting its data or running it, or,
