@@ -120,7 +120,9 @@ pub enum IoError {
     /// space (a lagging mirror leg, or a parity row whose parity no longer matches its
     /// data): answering from it could return older or wrong data, so the request fails
     /// until a write of the range reaches every member in service.
-    #[error("{op} at offset {offset}: no current copy is left; the members in service missed a write for want of space")]
+    #[error(
+        "{op} at offset {offset}: no current copy is left; the members in service missed a write for want of space"
+    )]
     NoCurrentCopy {
         /// The operation.
         op: IoOp,
