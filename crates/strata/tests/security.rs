@@ -84,39 +84,7 @@ fn refused_serve(dir: &Path) -> String {
 
 /// A controller whose iSCSI portal is `iscsi` (the usual start uses 127.0.0.1:0).
 fn start_with_portal(dir: &Path, iscsi: &str) -> Server {
-    let endpoints = dir.join("endpoints.json");
-    let _ = std::fs::remove_file(&endpoints);
-    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
-    let child = Command::new(STRATA)
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--iscsi", iscsi])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut server = Server {
-        dir: dir.to_path_buf(),
-        child,
-        api: String::new(),
-        nbd: String::new(),
-        iscsi: String::new(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&endpoints)
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-        {
-            server.api = v["api"].as_str().unwrap().to_string();
-            server.nbd = v["nbd"].as_str().unwrap().to_string();
-            server.iscsi = v["iscsi"].as_str().unwrap().to_string();
-            return server;
-        }
-        assert!(server.child.try_wait().unwrap().is_none(), "strata serve exited; log:\n{}", server.log());
-        assert!(Instant::now() < deadline, "strata serve did not start; log:\n{}", server.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Server::start_with(dir, &["--iscsi", iscsi])
 }
 
 #[test]

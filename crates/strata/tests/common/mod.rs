@@ -26,7 +26,8 @@ impl Server {
         Self::start_with(dir, &[])
     }
 
-    /// Starts a controller with extra `serve` arguments.
+    /// Starts a controller with extra `serve` arguments (`--iscsi ADDR` replaces the
+    /// loopback portal).
     pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
         Self::start_adjusted(dir, extra, |_| {})
     }
@@ -41,7 +42,8 @@ impl Server {
         command
             .args(["serve", "--data-dir"])
             .arg(dir)
-            .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
+            .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0"])
+            .args(if extra.contains(&"--iscsi") { &[][..] } else { &["--iscsi", "127.0.0.1:0"][..] })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
