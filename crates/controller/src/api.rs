@@ -47,6 +47,8 @@ pub struct ApiState {
     pub started: Instant,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// The shared byte budget and the listeners, for their metrics.
+    pub frontends: crate::metrics::Frontends,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -215,6 +217,7 @@ async fn openapi() -> Response {
 
 async fn metrics(State(state): Shared) -> Response {
     state.controller.update_gauges(state.nbd.connections(), state.iscsi.sessions()).await;
+    state.controller.metrics.update_frontends(&state.frontends);
     let body = state.controller.metrics.render();
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
         .into_response()

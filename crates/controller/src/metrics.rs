@@ -6,6 +6,7 @@
 //! and one uncontended lock (the histogram's) per level.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -17,6 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use strata_block::{BlockIo, Durability, Geometry, IoError, Span};
+use strata_net::budget::Budget;
+use strata_net::listener::Open;
 
 /// Which level of the IO path a series measures.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -60,6 +63,41 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// A listener of the controller.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, missing_docs)]
+pub enum Protocol {
+    nbd,
+    iscsi,
+    api,
+}
+
+/// The connection cap a refusal was over (strata_net::listener::Caps).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types, missing_docs)]
+pub enum Cap {
+    total,
+    per_address,
+}
+
+/// Labels of refused connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// The listener that refused.
+    pub protocol: Protocol,
+    /// The cap the connection was over.
+    pub cap: Cap,
+}
+
+/// What the frontends share and `/metrics` reads when scraped: the controller's byte
+/// budget and every listener's count of connections.
+pub struct Frontends {
+    /// The byte budget of every NBD and iSCSI connection.
+    pub budget: Arc<Budget>,
+    /// Each listener's admitted and refused connections.
+    pub listeners: Vec<(Protocol, Arc<Open>)>,
+}
+
 type HistogramFamily = Family<IoLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -85,6 +123,12 @@ pub struct Metrics {
     /// Refused iSCSI logins, by reason: someone guessing secrets, names or targets shows
     /// here first.
     pub iscsi_login_failures: Family<ReasonLabel, Counter>,
+    /// Connections closed at accept for being over a listener's cap: a flood shows here.
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Bytes of the shared frontend budget held now.
+    pub frontend_budget_used: Gauge,
+    /// Connections waiting for room in the shared frontend budget.
+    pub frontend_budget_waiters: Gauge,
 }
 
 impl Default for Metrics {
@@ -112,6 +156,25 @@ impl Default for Metrics {
             "iSCSI logins refused for their credentials, initiator name or target",
             iscsi_login_failures.clone(),
         );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept for being over a listener's total or per-address cap",
+            connections_refused.clone(),
+        );
+        let frontend_budget_used = Gauge::default();
+        registry.register_with_unit(
+            "frontend_budget_used",
+            "Bytes of the byte budget shared by NBD and iSCSI connections held now",
+            prometheus_client::registry::Unit::Bytes,
+            frontend_budget_used.clone(),
+        );
+        let frontend_budget_waiters = Gauge::default();
+        registry.register(
+            "frontend_budget_waiters",
+            "Connections waiting for room in the shared byte budget",
+            frontend_budget_waiters.clone(),
+        );
         Self {
             registry,
             requests,
@@ -123,6 +186,9 @@ impl Default for Metrics {
             nbd_connections,
             iscsi_sessions,
             iscsi_login_failures,
+            connections_refused,
+            frontend_budget_used,
+            frontend_budget_waiters,
         }
     }
 }
@@ -133,6 +199,21 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+
+    /// Reads the budget and the listeners' refusal counts into their metrics (at scrape
+    /// time, so accepting and charging pay nothing for them).
+    pub fn update_frontends(&self, frontends: &Frontends) {
+        self.frontend_budget_used.set(i64::try_from(frontends.budget.used()).unwrap_or(i64::MAX));
+        self.frontend_budget_waiters.set(i64::try_from(frontends.budget.waiters()).unwrap_or(i64::MAX));
+        for (protocol, open) in &frontends.listeners {
+            let refused = open.refused();
+            for (cap, count) in [(Cap::total, refused.total), (Cap::per_address, refused.per_address)] {
+                let labels = RefusedLabels { protocol: *protocol, cap };
+                // The listener's count is the source; the counter mirrors it (it only grows).
+                self.connections_refused.get_or_create(&labels).inner().store(count, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Wraps `inner` so its requests are counted under `scope` and `name`.

@@ -22,6 +22,7 @@ use crate::config::{
 };
 use crate::controller::{Controller, TOKEN_FILE};
 use crate::data_dir::{create_private_dir, load_or_create_token, write_private};
+use crate::metrics::{Frontends, Protocol};
 
 /// The file where a running controller writes the addresses it listens on.
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
@@ -86,10 +87,20 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
     // One byte budget for every connection of both frontends (strata_net::budget).
     let budget = Budget::new(CONTROLLER_BUDGET);
     let nbd = NbdServer::with_budget(controller.clone(), budget.clone());
-    let nbd_task = tokio::spawn(nbd.clone().run(Listener::new(nbd_listener, "NBD", caps), stopped.clone()));
+    let nbd_listener = Listener::new(nbd_listener, "NBD", caps);
+    let iscsi_listener = Listener::new(iscsi_listener, "iSCSI", caps);
+    let api_listener = Listener::new(api_listener, "API", caps);
+    let frontends = Frontends {
+        budget: budget.clone(),
+        listeners: vec![
+            (Protocol::nbd, nbd_listener.open()),
+            (Protocol::iscsi, iscsi_listener.open()),
+            (Protocol::api, api_listener.open()),
+        ],
+    };
+    let nbd_task = tokio::spawn(nbd.clone().run(nbd_listener, stopped.clone()));
     let iscsi = IscsiServer::with_budget(controller.clone(), budget);
-    let iscsi_task =
-        tokio::spawn(iscsi.clone().run(Listener::new(iscsi_listener, "iSCSI", caps), stopped.clone()));
+    let iscsi_task = tokio::spawn(iscsi.clone().run(iscsi_listener, stopped.clone()));
     let state = Arc::new(ApiState {
         controller: controller.clone(),
         token,
@@ -98,8 +109,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
         api_addr: format!("http://{api_addr}"),
         started,
         body_timeout: api_idle_timeout,
+        frontends,
     });
-    let api_listener = Listener::new(api_listener, "API", caps);
     let api_task =
         tokio::spawn(crate::http::serve(api_listener, router(state), api_idle_timeout, stopped.clone()));
 

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -56,11 +57,23 @@ pub enum Refusal {
     PerAddress(usize),
 }
 
-/// The connections a listener has admitted and not yet seen closed, by client address.
+/// Connections a listener has refused since it started, by the cap they were over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refused {
+    /// Refused because every place was taken.
+    pub total: u64,
+    /// Refused because their client address had all its places.
+    pub per_address: u64,
+}
+
+/// The connections a listener has admitted and not yet seen closed, by client address,
+/// and how many it refused (for the controller's metrics).
 #[derive(Debug)]
 pub struct Open {
     caps: Caps,
     counts: Mutex<Counts>,
+    refused_total: AtomicU64,
+    refused_per_address: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -72,7 +85,20 @@ struct Counts {
 impl Open {
     /// Nothing open yet, within `caps`.
     pub fn new(caps: Caps) -> Arc<Self> {
-        Arc::new(Self { caps, counts: Mutex::default() })
+        Arc::new(Self {
+            caps,
+            counts: Mutex::default(),
+            refused_total: AtomicU64::new(0),
+            refused_per_address: AtomicU64::new(0),
+        })
+    }
+
+    /// Connections refused so far, by cap: what an operator watches to see the caps at work.
+    pub fn refused(&self) -> Refused {
+        Refused {
+            total: self.refused_total.load(Ordering::Relaxed),
+            per_address: self.refused_per_address.load(Ordering::Relaxed),
+        }
     }
 
     /// The caps this count enforces.
@@ -95,10 +121,12 @@ impl Open {
         let address = client(address);
         let mut counts = self.counts();
         if counts.total >= self.caps.total {
+            self.refused_total.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::Total(self.caps.total));
         }
         let from_address = counts.by_address.entry(address).or_insert(0);
         if *from_address >= self.caps.per_address {
+            self.refused_per_address.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::PerAddress(self.caps.per_address));
         }
         *from_address += 1;
@@ -339,6 +367,7 @@ mod tests {
         assert_eq!((open.total(), open.from_address(a)), (2, 1));
         let _b2 = open.admit(b).unwrap();
         assert_eq!(open.admit(a).unwrap_err(), Refusal::Total(3));
+        assert_eq!(open.refused(), Refused { total: 2, per_address: 1 }, "each refusal counted by its cap");
     }
 
     #[test]

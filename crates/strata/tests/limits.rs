@@ -137,6 +137,16 @@ fn curl(server: &Server, args: &[&str], path: &str) -> (String, String) {
     (code.to_string(), body.to_string())
 }
 
+/// The value of the series named exactly `series` (name and labels) in the controller's
+/// `/metrics`, if it is there.
+fn metric(server: &Server, series: &str) -> Option<u64> {
+    let (code, body) = curl(server, &[], "/metrics");
+    assert_eq!(code, "200", "{body}");
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap_or_else(|_| panic!("not a count: {value}")))
+}
+
 #[test]
 fn an_api_flood_is_capped_per_address_and_idle_connections_are_closed() {
     let (_tmp, dir) = data_dir();
@@ -208,6 +218,13 @@ fn an_nbd_flood_from_one_address_leaves_room_for_others() {
     let info = run("nbdinfo", &["--size", &uri]);
     assert_eq!(info.trim(), (16u64 << 20).to_string());
     assert_eq!(closed(&mut streams), FLOOD - PER_ADDRESS, "the flood's admitted connections stay");
+    // An operator sees the refusals and the shared byte budget in the metrics.
+    let refused = metric(&server, r#"strata_connections_refused_total{protocol="nbd",cap="per_address"}"#);
+    assert_eq!(refused, Some((FLOOD - PER_ADDRESS) as u64), "every refused connection is counted");
+    let refused_total = metric(&server, r#"strata_connections_refused_total{protocol="nbd",cap="total"}"#);
+    assert_eq!(refused_total, Some(0), "none was over the total cap");
+    assert!(metric(&server, "strata_frontend_budget_used_bytes").is_some(), "the budget's use is shown");
+    assert!(metric(&server, "strata_frontend_budget_waiters").is_some(), "the budget's line is shown");
     // SIGTERM ends the connections still negotiating.
     let stopping = Instant::now();
     assert!(server.terminate().success());
