@@ -143,10 +143,10 @@ impl Budget {
         };
         let position = place.and_then(|ticket| line.waiters.iter().position(|w| w.ticket == ticket));
         if self.take_beside(bytes, kept) {
-            // Served what it waited for (not a smaller charge on the side): out of line.
-            if let Some(i) = position
-                && line.waiters[i].bytes <= bytes
-            {
+            // Served: out of line. (Its need may have shrunk while it waited, as what it
+            // held fell below its floor; it waits for one charge at a time, so any charge
+            // taken is the one it waited for.)
+            if let Some(i) = position {
                 line.waiters.remove(i);
                 *place = None;
                 self.line_changed(&line, i == 0);
@@ -262,8 +262,8 @@ impl Account {
 
     /// Charges `bytes`, or says which budget is full. A connection that holds nothing may
     /// always take a charge larger than its limit. Refused by the controller's budget, the
-    /// connection stands in its line until the same charge (or a larger one) is taken, so
-    /// trying again after [`Budget::changed`] keeps its place.
+    /// connection stands in its line until a charge is taken (one waits at a time: the
+    /// one it retries), so trying again after [`Budget::changed`] keeps its place.
     pub fn try_charge(&mut self, bytes: u64) -> Result<(), Full> {
         if self.held != 0 && self.held + bytes > self.limit {
             return Err(Full::Connection);
@@ -273,6 +273,9 @@ impl Account {
             return Err(Full::Controller);
         }
         self.held += bytes;
+        // Taken, perhaps within the floor alone once what it held went out: no longer
+        // waiting, whatever the line recorded.
+        self.leave_line();
         Ok(())
     }
 
@@ -462,6 +465,28 @@ mod tests {
         assert_eq!(other.try_charge(2 * MIB), Ok(()));
         // Leaving twice, or without a place, changes nothing.
         aborted.leave_line();
+        assert_eq!(controller.waiters(), 0);
+    }
+
+    #[test]
+    fn a_waiter_whose_need_shrank_while_it_waited_leaves_the_line_once_served() {
+        let controller = Budget::new(8 * MIB);
+        let mut holder = Account::new(16 * MIB, controller.clone());
+        holder.try_charge(8 * MIB).unwrap();
+        // Holding its floor, a 2 MiB read needs 2 MiB of the shared part: refused.
+        let mut reader = Account::new(16 * MIB, controller.clone());
+        reader.try_charge(FLOOR).unwrap();
+        assert_eq!(reader.try_charge(2 * MIB), Err(Full::Controller));
+        // Its small requests go out: now the read needs only 1 MiB shared, and fits.
+        reader.release(FLOOR);
+        assert_eq!(reader.try_charge(2 * MIB), Ok(()));
+        assert_eq!(controller.waiters(), 0, "served, so out of line");
+        // And a charge within the floor alone also ends the wait.
+        let mut small = Account::new(16 * MIB, controller.clone());
+        small.try_charge(FLOOR / 2).unwrap();
+        assert_eq!(small.try_charge(FLOOR), Err(Full::Controller));
+        small.release(FLOOR / 2);
+        assert_eq!(small.try_charge(FLOOR), Ok(()));
         assert_eq!(controller.waiters(), 0);
     }
 
