@@ -22,6 +22,10 @@
 //! whose members disagree because one ran out of space is *pinned*: its bit is not
 //! cleared until the node has made them agree, so a crash meanwhile resyncs it.
 //! A copy that has no space for an update stays in use (the next update may find space).
+//! A member that missed writes and that the resync at open could not bring up to date for
+//! want of space is *behind*: it stays in service, but it is recorded in the bitmap as a
+//! failed member would be (so a restart never resyncs from it) until the node reports
+//! that it has caught up ([`Bitmap::caught_up`]).
 //!
 //! Encoded copy (little-endian), padded to a multiple of 4 KiB (whatever the devices' block
 //! sizes, so the length does not change when a device is missing):
@@ -82,6 +86,9 @@ struct State {
     pinned: Vec<u64>,
     /// The part of `failed_mask` that is on stable storage.
     recorded_mask: u64,
+    /// Members in service that still miss writes (see the module doc): recorded on stable
+    /// storage with the failed ones, and no bit is cleared while there is one.
+    behind: u64,
     /// Mark of the newest flush whose members have been flushed.
     previous_flush: u64,
 }
@@ -138,6 +145,7 @@ impl Bitmap {
                 last_end: vec![0; regions],
                 failed_mask: 0,
                 recorded_mask: 0,
+                behind: 0,
                 pinned: vec![0; regions.div_ceil(64)],
                 previous_flush: 0,
             }),
@@ -207,6 +215,7 @@ impl Bitmap {
         state.durable = bits;
         state.failed_mask = 0;
         state.recorded_mask = 0;
+        state.behind = 0;
         Ok(())
     }
 
@@ -299,7 +308,7 @@ impl Bitmap {
                 let state = self.state.lock();
                 let mut bits = state.durable.clone();
                 (first..=last).for_each(|r| set(&mut bits, r, true));
-                (bits, state.failed_mask)
+                (bits, state.failed_mask | state.behind)
             };
             if bits != self.state.lock().durable {
                 self.persist(&mut io, &bits, failed).await?;
@@ -323,7 +332,7 @@ impl Bitmap {
             let mut state = self.state.lock();
             let bound = mark.min(state.previous_flush);
             state.previous_flush = state.previous_flush.max(mark);
-            if state.failed_mask != 0 {
+            if state.failed_mask | state.behind != 0 {
                 return Ok(());
             }
             let mut bits = state.durable.clone();
@@ -342,7 +351,7 @@ impl Bitmap {
             // Drop the bits from `durable` before the write, so a writer arriving now takes
             // the slow path and waits for the io lock.
             state.durable = bits.clone();
-            (bits, state.failed_mask)
+            (bits, state.failed_mask | state.behind)
         };
         self.persist(&mut io, &bits, failed).await
     }
@@ -351,35 +360,58 @@ impl Bitmap {
     /// until they are back. Returns once the record is durable (at once if it already is).
     pub(crate) async fn mark_failed(&self, members: u64) -> Result<(), IoError> {
         let mut io = self.io.lock().await;
-        let (bits, failed) = {
+        let (bits, failed, behind) = {
             let mut state = self.state.lock();
             // From now on no bit is cleared, whether or not the record below succeeds.
             state.failed_mask |= members;
             if state.recorded_mask & members == members {
                 return Ok(());
             }
-            (state.durable.clone(), state.failed_mask)
+            (state.durable.clone(), state.failed_mask, state.behind)
         };
-        self.persist(&mut io, &bits, failed).await?;
+        self.persist(&mut io, &bits, failed | behind).await?;
         self.state.lock().recorded_mask |= failed;
         Ok(())
     }
 
-    /// After a resync that brought every member up to date: clean bits, `failed_mask` as
-    /// given (members still absent).
-    pub(crate) async fn resynced(&self, failed_mask: u64) -> Result<(), IoError> {
+    /// After the resync at open: `failed_mask` as given (members absent or failed), and
+    /// `behind` the members still missing writes the resync could not copy to them. Clean
+    /// bits if both are empty; otherwise the bits stay set, and both masks are recorded.
+    pub(crate) async fn resynced(&self, failed_mask: u64, behind: u64) -> Result<(), IoError> {
         let mut io = self.io.lock().await;
         let bits = {
             let mut state = self.state.lock();
             state.failed_mask = failed_mask;
             state.recorded_mask = failed_mask;
-            if failed_mask == 0 {
+            state.behind = behind;
+            if failed_mask | behind == 0 {
                 // Pinned regions still disagree (see `pin`): they stay set.
                 state.durable = state.pinned.clone();
             }
             state.durable.clone()
         };
-        self.persist(&mut io, &bits, failed_mask).await
+        self.persist(&mut io, &bits, failed_mask | behind).await
+    }
+
+    /// Members that are behind (see [`Bitmap::resynced`]).
+    pub(crate) fn behind(&self) -> u64 {
+        self.state.lock().behind
+    }
+
+    /// `members` were behind and now hold every write: they are no longer recorded as
+    /// stale (unless they have failed since, which `failed_mask` keeps recorded).
+    pub(crate) async fn caught_up(&self, members: u64) -> Result<(), IoError> {
+        let mut io = self.io.lock().await;
+        let (bits, mask) = {
+            let state = self.state.lock();
+            if state.behind & members == 0 {
+                return Ok(());
+            }
+            (state.durable.clone(), state.failed_mask | (state.behind & !members))
+        };
+        self.persist(&mut io, &bits, mask).await?;
+        self.state.lock().behind &= !members;
+        Ok(())
     }
 
     /// Pins or unpins the regions of `[offset, offset + len)`: while pinned, a region's bit

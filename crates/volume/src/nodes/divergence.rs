@@ -192,6 +192,11 @@ impl Divergence {
         self.any.store(lagging.iter().any(|s| !s.is_empty()), Ordering::Release);
     }
 
+    /// True if leg `leg` lags anywhere.
+    pub(crate) fn lags(&self, leg: usize) -> bool {
+        self.any() && !self.lagging.lock()[leg].is_empty()
+    }
+
     /// True if any leg lags somewhere in `r`.
     pub(crate) fn overlaps(&self, r: &Range<u64>) -> bool {
         self.lagging_in(r) != 0

@@ -10,6 +10,19 @@
 //! reads fail ([`IoError::NoCurrentCopy`]) rather than return the older data a host may
 //! already have seen replaced, until a write of the range reaches every leg in service.
 //!
+//! Which leg a restart resyncs from. A write is acknowledged only once every leg in
+//! service took it (a leg out of space fails the write), and a leg is taken out of service
+//! only after the bitmap records it as failed. So a leg the bitmap does not record as
+//! failed holds every acknowledged write, and the resync at open copies the dirty regions
+//! from the first such leg. Where legs lag at run time they differ only by writes that
+//! were not acknowledged (the one that ran out of space; a later write over the range is
+//! acknowledged only if it reached every leg, and then nothing lags there), so after a
+//! crash either version is a valid outcome of a write that failed. A leg that the bitmap
+//! records as failed missed acknowledged writes; if the resync at open cannot copy them to
+//! it for want of space, it is *behind*: it lags over those regions and stays recorded as
+//! failed in the bitmap (see `bitmap.rs`) until it lags nowhere, so a second restart still
+//! resyncs from the leg that has the acknowledged writes, never from it.
+//!
 //! Writes, discards and write-zeroes hold their range in a [`RangeLock`] while the legs
 //! are written, so overlapping ones reach every leg in the same order and the copies never
 //! disagree; those that share no block do not wait for each other.
@@ -126,6 +139,24 @@ impl Mirror {
     /// freed), holding each range against writes. A leg still out of space keeps lagging;
     /// one with a device error is failed.
     async fn catch_up(&self) {
+        self.copy_lagging().await;
+        // Legs behind since the open that now lag nowhere hold every acknowledged write.
+        let behind = self.legs.bitmap.behind();
+        let current = (0..self.legs.len())
+            .filter(|&l| behind & 1 << l != 0 && !self.divergence.lags(l))
+            .fold(0, |m, l| m | 1 << l);
+        if current != 0 {
+            match self.legs.bitmap.caught_up(current).await {
+                Ok(()) => tracing::info!(legs = current, "mirror legs caught up after running out of space"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record that mirror legs caught up; retried at the next flush")
+                }
+            }
+        }
+    }
+
+    /// Copies each lagging range from a leg that has it.
+    async fn copy_lagging(&self) {
         for (leg, range) in self.divergence.snapshot() {
             let _order = self.changes.lock(range.clone()).await;
             for (piece, lagging) in self.divergence.pieces(&range) {
@@ -234,7 +265,7 @@ impl BlockIo for Mirror {
     }
 
     async fn flush(&self) -> Result<(), IoError> {
-        if self.divergence.any() {
+        if self.divergence.any() || self.legs.bitmap.behind() != 0 {
             self.catch_up().await;
         }
         let mark = self.legs.bitmap.flush_mark();
@@ -278,6 +309,8 @@ impl Redundant for Mirror {
         let present = |i: usize| missing & (1 << i) == 0;
         let stale = |i: usize| loaded.failed_mask & (1 << i) != 0;
         let legs = 0..self.legs.len();
+        // Never a leg recorded as failed (or behind), unless every present one is: see the
+        // module doc.
         let source = match legs.clone().find(|&i| present(i) && !stale(i)) {
             Some(leg) => leg,
             None => {
@@ -307,8 +340,14 @@ impl Redundant for Mirror {
         for &t in targets.iter().chain([&source]) {
             self.legs.get(t).flush().await?;
         }
-        // Legs that failed during the resync stay recorded as failed.
-        self.legs.bitmap.resynced(missing | self.legs.failed_mask()).await?;
+        // Legs that failed during the resync stay recorded as failed, and so do the legs
+        // that had missed writes and could not take them all (behind): a restart must not
+        // resync from them.
+        let behind = targets
+            .iter()
+            .filter(|&&t| stale(t) && self.divergence.lags(t))
+            .fold(0, |mask, &t| mask | 1 << t);
+        self.legs.bitmap.resynced(missing | self.legs.failed_mask(), behind).await?;
         Ok(loaded.dirty.len())
     }
 

@@ -307,3 +307,70 @@ async fn a_resync_out_of_space_leaves_the_leg_lagging_instead_of_failing_the_ope
     }
     assert_eq!(after.health().dirty_regions, 0);
 }
+
+#[tokio::test]
+async fn a_leg_the_resync_could_not_catch_up_is_never_resynced_from() {
+    let legs = [faulty("l0"), faulty("l1")];
+    let as_io = || legs.iter().map(|l| l.clone() as Arc<dyn BlockIo>).collect::<Vec<_>>();
+    let copies = bitmap_copies(2);
+    let first = Mirror::new(as_io(), REGION, copies.clone());
+    first.initialize().await.unwrap();
+    first.write(0, fill(0xaa, 64 << 10), Durability::Cached).await.unwrap();
+    first.flush().await.unwrap();
+    // Leg 0 fails: the acknowledged writes that follow reach leg 1 only.
+    legs[0].set_plan(broken());
+    first.write(8192, fill(0xbb, 8192), Durability::Cached).await.unwrap();
+    first.flush().await.unwrap();
+    assert_eq!(first.health().failed, vec![0]);
+    drop(first);
+
+    // Leg 0 is back but full: the resync cannot copy what it missed.
+    legs[0].set_plan(no_space());
+    let second = Mirror::new(as_io(), REGION, copies.clone());
+    second.recover().await.unwrap();
+    assert_eq!(second.read(8192, 8192).await.unwrap(), fill(0xbb, 8192));
+    second.flush().await.unwrap();
+    drop(second);
+
+    // Space is back: the next open must resync from leg 1, which has the acknowledged data.
+    legs[0].set_plan(FaultPlan::default());
+    let third = Mirror::new(as_io(), REGION, copies);
+    third.recover().await.unwrap();
+    let want = [fill(0xaa, 8192), fill(0xbb, 8192), fill(0xaa, 48 << 10)].concat();
+    assert!(legs[1].read(0, 64 << 10).await.unwrap() == want, "leg 1 lost the acknowledged writes");
+    assert!(legs[0].read(0, 64 << 10).await.unwrap() == want, "leg 0 was not resynced from leg 1");
+    assert!(third.read(0, 64 << 10).await.unwrap() == want, "the mirror reads back other data");
+    assert!(third.health().failed.is_empty());
+    for _ in 0..2 {
+        third.flush().await.unwrap();
+    }
+    assert_eq!(third.health().dirty_regions, 0);
+}
+
+#[tokio::test]
+async fn a_leg_behind_since_the_open_is_recorded_until_it_catches_up() {
+    let legs = [faulty("l0"), faulty("l1")];
+    let as_io = || legs.iter().map(|l| l.clone() as Arc<dyn BlockIo>).collect::<Vec<_>>();
+    let copies = bitmap_copies(2);
+    let first = Mirror::new(as_io(), REGION, copies.clone());
+    first.initialize().await.unwrap();
+    legs[0].set_plan(broken());
+    first.write(8192, fill(0xbb, 8192), Durability::Cached).await.unwrap();
+    drop(first);
+
+    legs[0].set_plan(no_space());
+    let second = Mirror::new(as_io(), REGION, copies.clone());
+    second.recover().await.unwrap();
+    // Space comes back while the controller runs: a flush copies the rest and the bitmap
+    // no longer records leg 0, so later flushes clear the region.
+    legs[0].set_plan(FaultPlan::default());
+    for _ in 0..3 {
+        second.flush().await.unwrap();
+    }
+    assert_eq!(legs[0].read(0, 64 << 10).await.unwrap(), legs[1].read(0, 64 << 10).await.unwrap());
+    assert_eq!(second.health().dirty_regions, 0);
+    drop(second);
+    // A crash now resyncs nothing: the legs agree and neither is recorded as failed.
+    let third = Mirror::new(as_io(), REGION, copies);
+    assert_eq!(third.recover().await.unwrap(), 0);
+}

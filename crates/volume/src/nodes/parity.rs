@@ -586,7 +586,7 @@ impl Redundant for Parity {
                      at the crash may rebuild the missing member's data wrongly (write hole)"
                 );
             }
-            self.members.bitmap.resynced(missing).await?;
+            self.members.bitmap.resynced(missing, 0).await?;
             return Ok(0);
         }
         let row_bytes = self.chunk * self.data_width as u64;
@@ -612,7 +612,7 @@ impl Redundant for Parity {
             self.members.get(m).flush().await?;
         }
         // Members that failed during the resync stay recorded as failed.
-        self.members.bitmap.resynced(missing | self.members.failed_mask()).await?;
+        self.members.bitmap.resynced(missing | self.members.failed_mask(), 0).await?;
         Ok(loaded.dirty.len())
     }
 
