@@ -19,11 +19,17 @@
 //! longer matches its data. The row is recorded as stale (its write-intent regions stay
 //! set) and its parity is computed afresh from its data at the next flush that finds
 //! space, or at open after a crash. Reads of data go to the data's own member and are not
-//! affected. Nothing is ever rebuilt from a stale row: with a member failed (before or
-//! after the write that ran out of space) its chunk would come from parity that does not
-//! match, and a stale row cannot be repaired while degraded, so reads of that chunk and
-//! writes that would need it fail with [`IoError::NoCurrentCopy`] until a write covers the
-//! whole row (or its failed chunks) and makes it whole again.
+//! affected. While the controller runs, nothing is ever rebuilt from a stale row: with a
+//! member failed (before or after the write that ran out of space) its chunk would come
+//! from parity that does not match, and a stale row cannot be repaired while degraded, so
+//! reads of that chunk and writes that would need it fail with [`IoError::NoCurrentCopy`]
+//! until a write covers the whole row (or its failed chunks) and makes it whole again.
+//! Stale rows are kept in memory only. Across a restart their regions stay set in the
+//! bitmap, so with every member present the resync at open recomputes their parity; but a
+//! restart while a member is missing cannot, and forgets which rows were stale: a degraded
+//! read may then rebuild a chunk from parity that does not match, the same write hole as
+//! after any crash while degraded, and the open logs the write-hole warning for the dirty
+//! regions.
 
 use std::sync::Arc;
 
