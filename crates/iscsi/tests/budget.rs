@@ -190,6 +190,12 @@ async fn read(s: &mut TcpStream) -> Option<[u8; 48]> {
 /// Logs in with a 256 KiB first burst and immediate data; returns the connection and the
 /// CmdSN its first command takes.
 async fn login(addr: &str) -> (TcpStream, u32) {
+    login_with(addr, "").await
+}
+
+/// Logs in as [`login`] does, with `keys` (each ending in NUL) added.
+async fn login_with(addr: &str, keys: &str) -> (TcpStream, u32) {
+    let extra = keys;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut h = header(0x43);
     h[1] = 0x80 | (1 << 2) | 3;
@@ -197,7 +203,7 @@ async fn login(addr: &str) -> (TcpStream, u32) {
     h[24..28].copy_from_slice(&1u32.to_be_bytes());
     let keys = format!(
         "InitiatorName=iqn.2026-11.test:hostile\0TargetName={TARGET}\0SessionType=Normal\0\
-         ImmediateData=Yes\0FirstBurstLength={IMMEDIATE}\0MaxBurstLength={IMMEDIATE}\0"
+         ImmediateData=Yes\0FirstBurstLength={IMMEDIATE}\0MaxBurstLength={IMMEDIATE}\0{extra}"
     );
     send(&mut s, &mut Vec::new(), h, keys.as_bytes()).await;
     let reply = read(&mut s).await.expect("a login response");
@@ -255,6 +261,9 @@ async fn hostile_initiators_hold_bounded_memory() {
     ahead_of_a_missing_cmd_sn(&addr).await;
     parked_behind_a_full_budget(&addr, &budget).await;
     reads_that_produce_more_than_expected(&addr).await;
+    a_command_that_holds_nothing_never_waits(&addr).await;
+    a_write_whose_data_out_follows_is_not_parked(&addr).await;
+    nop_outs_never_read(&addr).await;
 }
 
 /// 127 writes with 256 KiB of immediate data each, all ahead of a CmdSN that comes last:
@@ -355,4 +364,66 @@ async fn reads_that_produce_more_than_expected(addr: &str) {
     assert!(done.is_ok() && answered == reads, "{answered} of {reads} reads answered");
     assert_eq!(overflow, reads, "every read reports its overflow");
     assert!(held < (16 << 20) + (1 << 20) + SLACK, "{} KiB held by reads at once", held >> 10);
+}
+
+/// A TEST UNIT READY at `cmd_sn`.
+fn test_unit_ready(itt: u32, cmd_sn: u32) -> [u8; 48] {
+    let mut h = header(0x01);
+    h[16..20].copy_from_slice(&itt.to_be_bytes());
+    h[24..28].copy_from_slice(&cmd_sn.to_be_bytes());
+    h
+}
+
+/// A write announcing 32 MiB runs alone beyond the connection's 16 MiB (it waits for its
+/// data); a TEST UNIT READY behind it holds nothing and is answered at once. Before, its
+/// charge of 0 bytes was refused and it waited for the write.
+async fn a_command_that_holds_nothing_never_waits(addr: &str) {
+    let (mut s, first) = login(addr).await;
+    let mut wire = Vec::new();
+    send(&mut s, &mut wire, write10(1, first, 8192, 32 << 20), &[]).await;
+    send(&mut s, &mut wire, test_unit_ready(2, first.wrapping_add(1)), &[]).await;
+    let answers = statuses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(answers, vec![(2, GOOD)], "TEST UNIT READY is answered beside a large write");
+}
+
+/// With InitialR2T=No, a write without the F bit is followed by unsolicited Data-Out. Behind
+/// a write that fills the budget it cannot be parked (its Data-Out would find no task and
+/// be lost, and the write would wait for it forever): it is answered TASK SET FULL.
+async fn a_write_whose_data_out_follows_is_not_parked(addr: &str) {
+    let (mut s, first) = login_with(addr, "InitialR2T=No\0").await;
+    let mut wire = Vec::with_capacity(IMMEDIATE as usize + 64);
+    send(&mut s, &mut wire, write10(1, first, 4096, 16 << 20), &[]).await;
+    let mut h = write10(2, first.wrapping_add(1), 64, IMMEDIATE);
+    h[1] = 0x20; // write, no F bit: Data-Out follows
+    send(&mut s, &mut wire, h, &[]).await;
+    let mut data_out = header(0x05);
+    data_out[16..20].copy_from_slice(&2u32.to_be_bytes());
+    data_out[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+    send(&mut s, &mut wire, data_out, &vec![0x5a; IMMEDIATE as usize]).await;
+    let answers = statuses(&mut s, 1, Duration::from_secs(5)).await;
+    assert_eq!(answers, vec![(2, TASK_SET_FULL)], "the write is refused, not parked without its data");
+}
+
+/// An initiator that sends NOP-Outs with 64 KiB of data each and never reads the echoes:
+/// the target stops reading once about a FLOOR (1 MiB) of them wait unsent, where before it
+/// held 16 MiB (its outbox limit) outside the budget.
+async fn nop_outs_never_read(addr: &str) {
+    let (mut s, first) = login(addr).await;
+    let before = settled().await;
+    let mut wire = Vec::with_capacity(64 << 10);
+    let data = vec![0x6b; 64 << 10];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        for i in 0..512u32 {
+            let mut h = header(0x00);
+            h[16..20].copy_from_slice(&i.to_be_bytes());
+            h[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+            h[24..28].copy_from_slice(&first.wrapping_add(i).to_be_bytes());
+            h[0] |= 0x40; // immediate: no CmdSN of its own
+            send(&mut s, &mut wire, h, &data).await;
+        }
+    })
+    .await;
+    let held = settled().await - before;
+    eprintln!("NOP-Outs never read: {} KiB held", held >> 10);
+    assert!(held < (1 << 20) + SLACK, "{} KiB held for NOP-In echoes", held >> 10);
 }

@@ -39,12 +39,21 @@ impl Connection<'_> {
         }
     }
 
+    /// Whether unsolicited Data-Out follows this command (InitialR2T=No, no F bit): such a
+    /// write is never parked, since its Data-Out would arrive for no task and be lost.
+    fn data_out_follows(&self, pdu: &Pdu) -> bool {
+        pdu.flags() & WRITE != 0 && !self.params.initial_r2t && !pdu.is_final()
+    }
+
     /// Parks a command behind the others waiting for the budget, with its own copy of its
-    /// data, or answers TASK SET FULL when the connection holds MAX_TASKS or its waiting
-    /// commands would keep more than WAITING_LIMIT.
+    /// data, or answers TASK SET FULL when the connection holds MAX_TASKS, its waiting
+    /// commands would keep more than WAITING_LIMIT, or unsolicited Data-Out follows it.
     fn park(&mut self, mut pdu: Pdu) {
         let tasks = self.receiving.len() + self.executing.len() + self.parked.len();
-        if tasks >= MAX_TASKS || self.waiting() + waiting_bytes(&pdu) > WAITING_LIMIT {
+        if tasks >= MAX_TASKS
+            || self.waiting() + waiting_bytes(&pdu) > WAITING_LIMIT
+            || self.data_out_follows(&pdu)
+        {
             self.task_set_full(&pdu);
             return;
         }
@@ -135,7 +144,11 @@ impl Connection<'_> {
         let transfer = strata_scsi::transfer(&self.luns, lun, &cdb);
         let data_out = if write { u64::from(edtl) } else { 0 };
         let charge = transfer.data_in + data_out;
-        if let Err(full) = self.account.try_charge(charge) {
+        // A command that holds nothing (TEST UNIT READY) never waits, even while a large
+        // command runs alone beyond the connection's budget.
+        if charge > 0
+            && let Err(full) = self.account.try_charge(charge)
+        {
             self.blocked = Some(full);
             return Some(pdu);
         }

@@ -19,8 +19,11 @@
 //! Data-Out or for a missing CmdSN, neither deadlocks nor holds more. Writes race with
 //! reading, completions, keep-alive and shutdown in one `select!`; an initiator that
 //! takes no byte for `SEND_TIMEOUT` or the keep-alive's interval and timeout, whichever is
-//! shorter (or `SHUTDOWN_GRACE` once the connection closes), is dropped, after the
-//! commands it started have finished.
+//! shorter, or that does not take all of the output the socket made wait within
+//! `send_allowance` of its size (or `SHUTDOWN_GRACE` once the connection closes), is
+//! dropped, after the commands it started have finished. Replies that carry no charge
+//! (NOP-In echoes, R2Ts, sense) stop the reading once more than [`UNCHARGED_LIMIT`] of
+//! them wait.
 //!
 //! At ErrorRecoveryLevel 0 a protocol error (a bad digest, a PDU too long, immediate
 //! data beyond what was negotiated) is answered with a Reject and ends the connection.
@@ -36,7 +39,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
-use strata_net::budget::{Account, Budget, CONNECTION_BUDGET, Full, SEND_TIMEOUT, SHUTDOWN_GRACE};
+use strata_net::budget::{Account, Budget, FLOOR, Full, SEND_TIMEOUT, SHUTDOWN_GRACE, send_allowance};
 use strata_scsi::{LunMap, Nexus, Outcome};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -58,9 +61,11 @@ use outbox::Outbox;
 
 /// Bytes the read buffer has free before each read from the socket.
 const READ_ROOM: usize = 256 << 10;
-/// Unsent bytes beyond which the connection reads nothing new (replies that carry no
-/// charge, such as NOP-In echoes, cannot pile up either).
-const OUTBOX_LIMIT: u64 = CONNECTION_BUDGET;
+/// Unsent bytes not covered by a charge (NOP-In echoes, R2Ts, sense, TASK SET FULL)
+/// beyond which the connection reads nothing new: what an initiator that never reads
+/// makes the target hold outside the budget, even before it logs in to a target (a
+/// discovery session answers NOP-Out too). Replies going out make room again.
+const UNCHARGED_LIMIT: u64 = FLOOR;
 /// Bytes of data and AHS that commands not yet started (ahead of their CmdSN, or parked
 /// behind the budget) may keep, per connection, beyond its budget: sixteen writes with
 /// 256 KiB of immediate data each, what a host with 1 MiB writes at queue depth 32 has
@@ -225,6 +230,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut last_heard = Instant::now();
     // When the socket last took bytes, or had nothing to take.
     let mut last_sent = Instant::now();
+    // Output the socket made wait: the bytes of it still to go, and when all of them must
+    // have gone (`send_allowance` of their size), so a peer that takes a byte now and
+    // then cannot hold its budget forever. No timer while the socket takes everything.
+    let mut waiting_output: Option<(usize, Instant)> = None;
     loop {
         while conn.closing.is_none() {
             match pdu::decode(&mut input, conn.digests, conn.params.max_recv_data_segment_length) {
@@ -245,10 +254,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             conn.logout_response(&logout);
         }
         if writable && !conn.output.is_empty() {
+            let before = conn.output.len();
             match conn.output.write_now(&mut writer) {
-                Ok(true) => last_sent = Instant::now(),
+                Ok(true) => {
+                    last_sent = Instant::now();
+                    took(&mut waiting_output, before - conn.output.len());
+                }
                 Ok(false) => {}
                 Err(_) => writable = false,
+            }
+            if !conn.output.is_empty() && waiting_output.is_none() {
+                let left = conn.output.len();
+                waiting_output = Some((left, Instant::now() + send_allowance(left)));
             }
         }
         if !writable {
@@ -256,6 +273,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         if conn.output.is_empty() {
             last_sent = Instant::now();
+            waiting_output = None;
             conn.account.release(std::mem::take(&mut conn.unsent));
         }
         if conn.closing.is_none() {
@@ -272,15 +290,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // Over budget: read nothing new, unless a write still waits for its Data-Out.
         let reading = open
             && (conn.parked.is_empty() || !conn.receiving.is_empty())
-            && (conn.output.len() as u64) < OUTBOX_LIMIT;
+            && conn.uncharged_output() < UNCHARGED_LIMIT;
         let sending = writable && !conn.output.is_empty();
         // An initiator that takes no byte for as long as keep-alive allows is as gone as
         // one that does not answer a ping (which, unread, it cannot).
         let patience = SEND_TIMEOUT.min(shared.keepalive.interval + shared.keepalive.timeout);
-        let send_by = match conn.stop_by {
-            Some(stop_by) => stop_by.min(last_sent + patience),
-            None => last_sent + patience,
-        };
+        let mut send_by = last_sent + patience;
+        if let Some((_, give_up_by)) = waiting_output {
+            send_by = send_by.min(give_up_by);
+        }
+        if let Some(stop_by) = conn.stop_by {
+            send_by = send_by.min(stop_by);
+        }
         let ping_by = match conn.ping {
             Some((_, sent)) => sent + shared.keepalive.timeout,
             None => last_heard + shared.keepalive.interval,
@@ -300,7 +321,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             written = conn.output.write_some(&mut writer), if sending => match written {
-                Ok(_) => last_sent = Instant::now(),
+                Ok(n) => {
+                    last_sent = Instant::now();
+                    took(&mut waiting_output, n);
+                }
                 Err(_) => writable = false,
             },
             read = reader.read_buf(&mut input), if reading => {
@@ -337,6 +361,17 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
     tracing::debug!(peer = %shared.peer, why = conn.closing.as_deref().unwrap_or(""), "iSCSI connection closed");
     drop(handle);
+}
+
+/// Counts `written` bytes against the output the socket made wait; once all of it has
+/// gone, the next wait starts a new allowance.
+fn took(waiting_output: &mut Option<(usize, Instant)>, written: usize) {
+    if let Some((left, _)) = waiting_output {
+        *left = left.saturating_sub(written);
+        if *left == 0 {
+            *waiting_output = None;
+        }
+    }
 }
 
 /// Returns once the shared budget may have room again; never when no one waits for it.
@@ -397,9 +432,16 @@ impl Connection<'_> {
         if self.closing.is_none() {
             self.closing = Some(why.to_string());
             self.stop_by = Some(Instant::now() + SHUTDOWN_GRACE);
-            // Parked commands never started: the initiator retries them elsewhere.
+            // Parked commands never started: the initiator retries them elsewhere, and
+            // nobody keeps room in the controller's budget for them.
             self.parked.clear();
+            self.account.leave_line();
         }
+    }
+
+    /// Unsent bytes not covered by the charges of the responses among them.
+    fn uncharged_output(&self) -> u64 {
+        (self.output.len() as u64).saturating_sub(self.unsent)
     }
 
     fn target(&self) -> Option<&Arc<TargetNode>> {
