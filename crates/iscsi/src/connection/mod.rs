@@ -645,3 +645,94 @@ impl Connection<'_> {
         self.send_status(reply);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Refusal;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct NoTargets;
+
+    impl Targets for NoTargets {
+        fn lookup(&self, _: &str, _: &str) -> Result<Arc<TargetNode>, Refusal> {
+            Err(Refusal::NotFound)
+        }
+        fn list(&self, _: &str) -> Vec<Arc<TargetNode>> {
+            Vec::new()
+        }
+        fn generation(&self) -> u64 {
+            0
+        }
+    }
+
+    /// A discovery session whose initiator sends NOP-Outs with 64 KiB of data, then takes
+    /// one byte of the echoes every 29 s (never idle for SEND_TIMEOUT): it is dropped once
+    /// the output the socket made wait has not all gone within its `send_allowance`.
+    /// Before, every byte taken reset a 30 s patience and the connection lived on.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_initiator_taking_a_byte_now_and_then_is_dropped() {
+        let (near, far) = tokio::io::duplex(64 << 10);
+        let sessions = Arc::new(Sessions::default());
+        let hour = Duration::from_secs(3600);
+        let shared = Shared {
+            targets: &NoTargets,
+            sessions: &sessions,
+            portal: "127.0.0.1:3260,1".into(),
+            keepalive: Keepalive { interval: hour, timeout: hour },
+            peer: "127.0.0.1:1".parse().unwrap(),
+        };
+        let mut params = Parameters { max_recv_data_segment_length: 256 << 10, ..Parameters::default() };
+        params.max_send_data_segment_length = 256 << 10;
+        let login = LoggedIn {
+            kind: SessionKind::Discovery,
+            initiator: "iqn.2026-11.test:slow".into(),
+            isid: [0x80, 0, 0, 0, 0, 1],
+            params,
+            stat_sn: 1,
+            exp_cmd_sn: 1,
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let account = Account::connection(&Budget::new(128 << 20));
+        let (mut from_target, mut to_target) = tokio::io::split(far);
+        let initiator = tokio::spawn(async move {
+            let data = vec![0x6b; 64 << 10];
+            for i in 0..64u32 {
+                let mut pdu = Pdu::new(op::NOP_OUT | 0x40);
+                pdu.header[1] = 0x80;
+                pdu.set_u32(16, i);
+                pdu.set_u32(20, NO_TAG);
+                pdu.set_u32(24, 1);
+                pdu.data = Bytes::from(data.clone());
+                let mut wire = BytesMut::new();
+                pdu::encode(&mut wire, &pdu, Digests::default());
+                if to_target.write_all(&wire).await.is_err() {
+                    break;
+                }
+            }
+            // Keep the write half open: closing it would end the connection by itself.
+            std::future::pending::<()>().await;
+        });
+        let trickle = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            loop {
+                tokio::time::sleep(Duration::from_secs(29)).await;
+                if !matches!(from_target.read(&mut byte).await, Ok(1)) {
+                    break;
+                }
+            }
+        });
+        let started = Instant::now();
+        let served = tokio::time::timeout(
+            Duration::from_secs(600),
+            serve(near, BytesMut::new(), login, &shared, shutdown, account),
+        )
+        .await;
+        initiator.abort();
+        trickle.abort();
+        assert!(served.is_ok(), "the connection still lives after 600 s of one byte every 29 s");
+        let lived = started.elapsed();
+        let allowance = send_allowance(usize::try_from(UNCHARGED_LIMIT).unwrap() + (512 << 10));
+        assert!(lived <= allowance, "dropped after {lived:?}, beyond {allowance:?}");
+    }
+}
