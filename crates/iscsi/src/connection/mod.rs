@@ -682,8 +682,11 @@ mod tests {
             keepalive: Keepalive { interval: hour, timeout: hour },
             peer: "127.0.0.1:1".parse().unwrap(),
         };
-        let mut params = Parameters { max_recv_data_segment_length: 256 << 10, ..Parameters::default() };
-        params.max_send_data_segment_length = 256 << 10;
+        let params = Parameters {
+            max_recv_data_segment_length: 256 << 10,
+            max_send_data_segment_length: 256 << 10,
+            ..Parameters::default()
+        };
         let login = LoggedIn {
             kind: SessionKind::Discovery,
             initiator: "iqn.2026-11.test:slow".into(),
@@ -734,5 +737,94 @@ mod tests {
         let lived = started.elapsed();
         let allowance = send_allowance(usize::try_from(UNCHARGED_LIMIT).unwrap() + (512 << 10));
         assert!(lived <= allowance, "dropped after {lived:?}, beyond {allowance:?}");
+    }
+
+    /// A target with one 4 MiB LU of 4 KiB blocks.
+    fn target() -> Arc<TargetNode> {
+        use strata_scsi::{Directory, Identity, LogicalUnit, Volatile};
+        let device: Arc<dyn strata_block::BlockIo> = strata_block::MemDevice::new("close", 4 << 20, 4096);
+        let identity = Identity {
+            vendor: "STRATA".into(),
+            product: "TEST".into(),
+            revision: "0001".into(),
+            serial: "close".into(),
+            naa: [0x60; 16],
+            target_port_group: 1,
+            read_only: false,
+        };
+        let lu =
+            LogicalUnit::new(device, identity, None, Arc::new(Volatile), Arc::new(Directory::new())).unwrap();
+        let mut luns = LunMap::new();
+        luns.insert(0, Arc::new(lu));
+        Arc::new(TargetNode {
+            name: "iqn.2026-11.io.strata:close".into(),
+            alias: None,
+            every_lu: luns.values().cloned().collect(),
+            luns,
+            chap: None,
+            mutual: None,
+        })
+    }
+
+    /// A READ(16) of `blocks` 4 KiB blocks at LBA 0.
+    fn read16(itt: u32, cmd_sn: u32, blocks: u32) -> Vec<u8> {
+        let mut pdu = Pdu::new(op::SCSI_COMMAND);
+        pdu.header[1] = 0x80 | 0x40;
+        pdu.set_u32(16, itt);
+        pdu.set_u32(20, blocks * 4096);
+        pdu.set_u32(24, cmd_sn);
+        pdu.header[32] = 0x88;
+        pdu.header[42..46].copy_from_slice(&blocks.to_be_bytes());
+        let mut wire = BytesMut::new();
+        pdu::encode(&mut wire, &pdu, Digests::default());
+        wire.to_vec()
+    }
+
+    /// A connection whose second read waits in the controller's line closes (the server
+    /// shuts down) while its first read's data waits for an initiator that does not read:
+    /// it leaves the line at once, not when its replies are given up 2 s later, so nobody
+    /// keeps room for a command that will never run.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_closing_connection_leaves_the_line() {
+        let (near, far) = tokio::io::duplex(64 << 10);
+        let sessions = Arc::new(Sessions::default());
+        let hour = Duration::from_secs(3600);
+        let shared = Shared {
+            targets: &NoTargets,
+            sessions: &sessions,
+            portal: "127.0.0.1:3260,1".into(),
+            keepalive: Keepalive { interval: hour, timeout: hour },
+            peer: "127.0.0.1:1".parse().unwrap(),
+        };
+        let params = Parameters { max_send_data_segment_length: 256 << 10, ..Parameters::default() };
+        let login = LoggedIn {
+            kind: SessionKind::Normal(target()),
+            initiator: "iqn.2026-11.test:close".into(),
+            isid: [0x80, 0, 0, 0, 0, 2],
+            params,
+            stat_sn: 1,
+            exp_cmd_sn: 1,
+        };
+        let budget = Budget::new(4 << 20);
+        // Another connection holds the whole shared budget.
+        let mut other = Account::connection(&budget);
+        other.try_charge(FLOOR + (4 << 20)).unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let account = Account::connection(&budget);
+        let (_from_target, mut to_target) = tokio::io::split(far);
+        let initiator = async {
+            // 512 KiB within the floor, then 2 MiB that needs the shared budget.
+            to_target.write_all(&read16(1, 1, 128)).await.unwrap();
+            to_target.write_all(&read16(2, 2, 512)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let waiting = budget.waiters();
+            stop.send(true).unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            (waiting, budget.waiters())
+        };
+        let ((), (waiting, closing)) =
+            tokio::join!(serve(near, BytesMut::new(), login, &shared, shutdown, account), initiator);
+        assert_eq!(waiting, 1, "the second read waits in the controller's line");
+        assert_eq!(closing, 0, "the closing connection left the line");
     }
 }
