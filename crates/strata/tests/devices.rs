@@ -347,37 +347,6 @@ fn a_member_found_under_another_path_is_taken_back() {
     drop(server);
 }
 
-/// Runs `strata serve` on `dir` with `extra` arguments; it must refuse to start. Returns
-/// what it printed.
-fn refused_serve(dir: &Path, extra: &[&str]) -> String {
-    use std::time::{Duration, Instant};
-    let mut child = Command::new(common::STRATA)
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("strata serve started on {} although it must refuse it", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "serve must fail: {err}");
-    err
-}
-
 #[test]
 fn serve_refuses_a_device_folder_that_others_may_write_or_own() {
     use std::os::unix::fs::MetadataExt;
@@ -389,12 +358,12 @@ fn serve_refuses_a_device_folder_that_others_may_write_or_own() {
     let args = ["--config", config.to_str().unwrap()];
     // Anyone could swap a device file there for a link to a disk between check and open.
     std::fs::set_permissions(&disks, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let err = refused_serve(&dir, &args);
+    let err = common::refused_serve(&dir, &args);
     assert!(err.contains(&format!("run `chmod 700 {}`", disks.display())), "{err}");
     std::fs::set_permissions(&disks, std::fs::Permissions::from_mode(0o755)).unwrap();
     if std::fs::metadata(&dir).unwrap().uid() == 0 {
         std::os::unix::fs::chown(&disks, Some(65534), None).unwrap();
-        let err = refused_serve(&dir, &args);
+        let err = common::refused_serve(&dir, &args);
         assert!(err.contains("owned by user 65534") && err.contains("chown -R 0"), "{err}");
         std::os::unix::fs::chown(&disks, Some(0), None).unwrap();
     }

@@ -8,7 +8,7 @@ mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::initiator::Initiator;
@@ -52,34 +52,6 @@ fn logged(server: &Server, needle: &str) -> bool {
         }
         found
     })
-}
-
-/// Runs `strata serve` on `dir`, which must refuse to start; returns what it printed.
-fn refused_serve(dir: &Path) -> String {
-    let mut child = Command::new(STRATA)
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("strata serve started on {} although it must refuse it", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success(), "serve must fail: {err}");
-    err
 }
 
 /// A controller whose iSCSI portal is `iscsi` (the usual start uses 127.0.0.1:0).
@@ -129,13 +101,13 @@ fn serve_refuses_a_data_directory_or_token_that_others_own_or_can_write() {
     assert!(server.terminate().success());
 
     chmod(&dir, 0o777);
-    let err = refused_serve(&dir);
+    let err = common::refused_serve(&dir, &[]);
     assert!(err.contains(&format!("run `chmod 700 {}`", dir.display())), "{err}");
     chmod(&dir, 0o700);
 
     let token = dir.join("token");
     chmod(&token, 0o666);
-    let err = refused_serve(&dir);
+    let err = common::refused_serve(&dir, &[]);
     assert!(err.contains(&format!("run `chmod 600 {}`", token.display())), "{err}");
     chmod(&token, 0o600);
 
@@ -143,11 +115,11 @@ fn serve_refuses_a_data_directory_or_token_that_others_own_or_can_write() {
     let us = std::fs::metadata(&dir).unwrap().uid();
     if us == 0 {
         std::os::unix::fs::chown(&token, Some(65534), None).unwrap();
-        let err = refused_serve(&dir);
+        let err = common::refused_serve(&dir, &[]);
         assert!(err.contains(&format!("run `chown -R 0 {}`", token.display())), "{err}");
         std::os::unix::fs::chown(&token, Some(0), None).unwrap();
         std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
-        let err = refused_serve(&dir);
+        let err = common::refused_serve(&dir, &[]);
         assert!(
             err.contains("owned by user 65534")
                 && err.contains(&format!("run `chown -R 0 {}`", dir.display())),

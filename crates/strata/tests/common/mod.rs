@@ -186,3 +186,33 @@ pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
     assert!(!out.contains("verification failed") && !out.contains("failed:"), "qemu-io {commands:?}:\n{out}");
     out
 }
+
+/// Runs `strata serve` on `dir` with `extra` arguments; it must refuse to start. Returns
+/// what it printed.
+pub fn refused_serve(dir: &Path, extra: &[&str]) -> String {
+    let mut child = Command::new(STRATA)
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--api", "127.0.0.1:0", "--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("strata serve started on {} although it must refuse it", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "serve must fail: {err}");
+    err
+}
