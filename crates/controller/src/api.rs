@@ -18,12 +18,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_iscsi::IscsiServer;
-use strata_nbd::NbdServer;
 use strata_volume::{Layout, VolumeRequest};
 
 use crate::controller::Controller;
 use crate::exports::{ChapRecord, ExportRecord, ISCSI, NBD};
 use crate::failure::{Failure, FailureKind};
+use crate::metrics::{Frontends, Protocol};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -37,8 +37,6 @@ pub struct ApiState {
     pub controller: Arc<Controller>,
     /// The bearer token clients must present.
     pub token: String,
-    /// The NBD server, for connection counts.
-    pub nbd: Arc<NbdServer>,
     /// The iSCSI target, for session counts.
     pub iscsi: Arc<IscsiServer>,
     /// Where the API listens, for status.
@@ -48,7 +46,7 @@ pub struct ApiState {
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
     /// The shared byte budget and the listeners, for their metrics.
-    pub frontends: crate::metrics::Frontends,
+    pub frontends: Frontends,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -216,7 +214,8 @@ async fn openapi() -> Response {
 }
 
 async fn metrics(State(state): Shared) -> Response {
-    state.controller.update_gauges(state.nbd.connections(), state.iscsi.sessions()).await;
+    let nbd_connections = state.frontends.connections(Protocol::nbd);
+    state.controller.update_gauges(nbd_connections, state.iscsi.sessions()).await;
     state.controller.metrics.update_frontends(&state.frontends);
     let body = state.controller.metrics.render();
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
@@ -255,7 +254,7 @@ async fn status(State(state): Shared) -> Answer {
             "failed": count(strata_volume::VolumeState::Failed),
         },
         "exports": c.exports().len(),
-        "nbd_connections": state.nbd.connections(),
+        "nbd_connections": state.frontends.connections(Protocol::nbd),
         "iscsi_sessions": state.iscsi.sessions(),
         "startup": startup(c.discovery()),
     }))

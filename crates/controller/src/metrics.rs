@@ -98,6 +98,14 @@ pub struct Frontends {
     pub listeners: Vec<(Protocol, Arc<Open>)>,
 }
 
+impl Frontends {
+    /// Connections `protocol`'s listener holds open now (from accept to close, whatever
+    /// phase they are in).
+    pub fn connections(&self, protocol: Protocol) -> usize {
+        self.listeners.iter().filter(|(p, _)| *p == protocol).map(|(_, open)| open.total()).sum()
+    }
+}
+
 type HistogramFamily = Family<IoLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {

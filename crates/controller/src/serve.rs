@@ -98,13 +98,12 @@ pub async fn serve(config: ServeConfig) -> Result<(), String> {
             (Protocol::api, api_listener.open()),
         ],
     };
-    let nbd_task = tokio::spawn(nbd.clone().run(nbd_listener, stopped.clone()));
+    let nbd_task = tokio::spawn(nbd.run(nbd_listener, stopped.clone()));
     let iscsi = IscsiServer::with_budget(controller.clone(), budget);
     let iscsi_task = tokio::spawn(iscsi.clone().run(iscsi_listener, stopped.clone()));
     let state = Arc::new(ApiState {
         controller: controller.clone(),
         token,
-        nbd,
         iscsi,
         api_addr: format!("http://{api_addr}"),
         started,

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -26,7 +25,6 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct IscsiServer {
     targets: Arc<dyn Targets>,
     sessions: Arc<Sessions>,
-    connections: AtomicUsize,
     keepalive: Keepalive,
     /// The controller's byte budget every connection draws on.
     budget: Arc<Budget>,
@@ -52,18 +50,7 @@ impl IscsiServer {
     }
 
     fn build(targets: Arc<dyn Targets>, keepalive: Keepalive, budget: Arc<Budget>) -> Arc<Self> {
-        Arc::new(Self {
-            targets,
-            sessions: Arc::default(),
-            connections: AtomicUsize::new(0),
-            keepalive,
-            budget,
-        })
-    }
-
-    /// Connections open now (logging in or in the full feature phase).
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
+        Arc::new(Self { targets, sessions: Arc::default(), keepalive, budget })
     }
 
     /// Normal sessions open now.
@@ -98,7 +85,6 @@ impl IscsiServer {
         portal: String,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        self.connections.fetch_add(1, Ordering::Relaxed);
         let mut input = BytesMut::with_capacity(64 << 10);
         let ctx = LoginContext { targets: self.targets.as_ref(), sessions: &self.sessions };
         let logged_in = tokio::select! {
@@ -124,7 +110,6 @@ impl IscsiServer {
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "iSCSI login ended"),
             Err(_) => tracing::warn!(%peer, "iSCSI login timed out"),
         }
-        self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

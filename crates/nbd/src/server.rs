@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use strata_net::budget::{Account, Budget, CONTROLLER_BUDGET};
@@ -24,7 +23,6 @@ pub struct NbdServer {
     exports: Arc<dyn Exports>,
     /// The controller's byte budget every connection draws on.
     budget: Arc<Budget>,
-    connections: AtomicUsize,
 }
 
 impl NbdServer {
@@ -36,12 +34,7 @@ impl NbdServer {
     /// A server answering from `exports` whose connections draw on `budget` (the
     /// controller's, shared with its other frontends).
     pub fn with_budget(exports: Arc<dyn Exports>, budget: Arc<Budget>) -> Arc<Self> {
-        Arc::new(Self { exports, budget, connections: AtomicUsize::new(0) })
-    }
-
-    /// Connections open now (negotiating or transmitting).
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
+        Arc::new(Self { exports, budget })
     }
 
     /// Accepts clients on `listener`, within its caps, until `shutdown` turns true, then
@@ -66,7 +59,6 @@ impl NbdServer {
         peer: SocketAddr,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        self.connections.fetch_add(1, Ordering::Relaxed);
         let negotiated = tokio::select! {
             result = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
@@ -84,6 +76,5 @@ impl NbdServer {
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "NBD negotiation ended"),
             Err(_) => tracing::warn!(%peer, "NBD negotiation timed out"),
         }
-        self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
