@@ -4,6 +4,8 @@
 //! listener on loopback, a minimal initiator written here from RFC 7143, and a counting
 //! allocator: the heap bytes the process holds are the measure.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -12,9 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use strata_block::{BlockIo, Durability, Geometry, IoError, MemDevice};
-use strata_iscsi::{IscsiServer, Refusal, TargetNode, Targets};
+use strata_iscsi::IscsiServer;
 use strata_net::budget::Budget;
-use strata_scsi::{Directory, Identity, LogicalUnit, LunMap, Volatile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -84,20 +85,6 @@ const SLACK: i64 = 4 << 20;
 const GOOD: u8 = 0x00;
 const TASK_SET_FULL: u8 = 0x28;
 
-struct One(Arc<TargetNode>);
-
-impl Targets for One {
-    fn lookup(&self, target: &str, _: &str) -> Result<Arc<TargetNode>, Refusal> {
-        if target == self.0.name { Ok(self.0.clone()) } else { Err(Refusal::NotFound) }
-    }
-    fn list(&self, _: &str) -> Vec<Arc<TargetNode>> {
-        vec![self.0.clone()]
-    }
-    fn generation(&self) -> u64 {
-        0
-    }
-}
-
 /// A memory device whose reads hold their data a while before they complete, as a disk's
 /// reads hold their buffers: how many run at once shows in the heap.
 struct SlowReads(Arc<MemDevice>);
@@ -129,41 +116,8 @@ impl BlockIo for SlowReads {
 /// A target with one 1 MiB LU, drawing on `budget`.
 async fn server(budget: Arc<Budget>) -> (String, tokio::sync::watch::Sender<bool>) {
     let device: Arc<dyn BlockIo> = Arc::new(SlowReads(MemDevice::new("budget", 1 << 20, 4096)));
-    let identity = Identity {
-        vendor: "STRATA".into(),
-        product: "TEST".into(),
-        revision: "0001".into(),
-        serial: "budget".into(),
-        naa: [0x60; 16],
-        target_port_group: 1,
-        read_only: false,
-    };
-    let lu =
-        LogicalUnit::new(device, identity, None, Arc::new(Volatile), Arc::new(Directory::new())).unwrap();
-    let mut luns = LunMap::new();
-    luns.insert(0, Arc::new(lu));
-    let node = TargetNode {
-        name: TARGET.into(),
-        alias: None,
-        every_lu: luns.values().cloned().collect(),
-        luns,
-        chap: None,
-        mutual: None,
-    };
-    let server = IscsiServer::with_budget(Arc::new(One(Arc::new(node))), budget);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let listener = strata_net::listener::Listener::new(listener, "iSCSI", Default::default());
-    tokio::spawn(server.run(listener, stopped));
-    (addr, stop)
-}
-
-fn header(opcode: u8) -> [u8; 48] {
-    let mut h = [0u8; 48];
-    h[0] = opcode;
-    h[1] = 0x80;
-    h
+    let targets = common::one_lu(TARGET, device, "budget");
+    common::listen(IscsiServer::with_budget(targets, budget)).await
 }
 
 /// Sends a PDU, its data padded, through `wire` (reused, so the test holds one PDU).
@@ -197,7 +151,7 @@ async fn login(addr: &str) -> (TcpStream, u32) {
 async fn login_with(addr: &str, keys: &str) -> (TcpStream, u32) {
     let extra = keys;
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut h = header(0x43);
+    let mut h = common::header(0x43);
     h[1] = 0x80 | (1 << 2) | 3;
     h[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 1]);
     h[24..28].copy_from_slice(&1u32.to_be_bytes());
@@ -214,7 +168,7 @@ async fn login_with(addr: &str, keys: &str) -> (TcpStream, u32) {
 
 /// A WRITE(10) of `blocks` 4 KiB blocks at LBA 0, expecting `edtl` bytes.
 fn write10(itt: u32, cmd_sn: u32, blocks: u16, edtl: u32) -> [u8; 48] {
-    let mut h = header(0x01);
+    let mut h = common::header(0x01);
     h[1] = 0x80 | 0x20; // final, write
     h[16..20].copy_from_slice(&itt.to_be_bytes());
     h[20..24].copy_from_slice(&edtl.to_be_bytes());
@@ -313,7 +267,7 @@ async fn parked_behind_a_full_budget(addr: &str, budget: &Budget) {
     assert_eq!(refused.len(), behind as usize - kept, "refused at once: {refused:?}");
     assert!(refused.iter().all(|(_, status)| *status == TASK_SET_FULL), "{refused:?}");
     // ABORT TASK for the write that holds the budget: the parked writes run.
-    let mut abort = header(0x02 | 0x40);
+    let mut abort = common::header(0x02 | 0x40);
     abort[1] = 0x80 | 1;
     abort[16..20].copy_from_slice(&2000u32.to_be_bytes());
     abort[20..24].copy_from_slice(&1000u32.to_be_bytes());
@@ -336,7 +290,7 @@ async fn reads_that_produce_more_than_expected(addr: &str) {
     let mut wire = Vec::new();
     let reads = 64u32;
     for i in 0..reads {
-        let mut h = header(0x01);
+        let mut h = common::header(0x01);
         h[1] = 0x80 | 0x40; // final, read
         h[16..20].copy_from_slice(&i.to_be_bytes());
         h[20..24].copy_from_slice(&4096u32.to_be_bytes());
@@ -368,7 +322,7 @@ async fn reads_that_produce_more_than_expected(addr: &str) {
 
 /// A TEST UNIT READY at `cmd_sn`.
 fn test_unit_ready(itt: u32, cmd_sn: u32) -> [u8; 48] {
-    let mut h = header(0x01);
+    let mut h = common::header(0x01);
     h[16..20].copy_from_slice(&itt.to_be_bytes());
     h[24..28].copy_from_slice(&cmd_sn.to_be_bytes());
     h
@@ -396,7 +350,7 @@ async fn a_write_whose_data_out_follows_is_not_parked(addr: &str) {
     let mut h = write10(2, first.wrapping_add(1), 64, IMMEDIATE);
     h[1] = 0x20; // write, no F bit: Data-Out follows
     send(&mut s, &mut wire, h, &[]).await;
-    let mut data_out = header(0x05);
+    let mut data_out = common::header(0x05);
     data_out[16..20].copy_from_slice(&2u32.to_be_bytes());
     data_out[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
     send(&mut s, &mut wire, data_out, &vec![0x5a; IMMEDIATE as usize]).await;
@@ -414,7 +368,7 @@ async fn nop_outs_never_read(addr: &str) {
     let data = vec![0x6b; 64 << 10];
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         for i in 0..512u32 {
-            let mut h = header(0x00);
+            let mut h = common::header(0x00);
             h[16..20].copy_from_slice(&i.to_be_bytes());
             h[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
             h[24..28].copy_from_slice(&first.wrapping_add(i).to_be_bytes());

@@ -2,69 +2,23 @@
 //! reinstatement of a session by its ISID. A real listener on loopback, a minimal
 //! initiator written here from RFC 7143.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use strata_block::{BlockIo, MemDevice};
-use strata_iscsi::{IscsiServer, Refusal, TargetNode, Targets};
-use strata_scsi::{Directory, Identity, LogicalUnit, LunMap, Volatile};
+use strata_iscsi::IscsiServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TARGET: &str = "iqn.2026-11.io.strata:sessions";
 
-struct One(Arc<TargetNode>);
-
-impl Targets for One {
-    fn lookup(&self, target: &str, _: &str) -> Result<Arc<TargetNode>, Refusal> {
-        if target == self.0.name { Ok(self.0.clone()) } else { Err(Refusal::NotFound) }
-    }
-    fn list(&self, _: &str) -> Vec<Arc<TargetNode>> {
-        vec![self.0.clone()]
-    }
-    fn generation(&self) -> u64 {
-        0
-    }
-}
-
 /// A server pinging after `interval` of silence, dropping after `timeout` without answer.
 async fn server(interval: Duration, timeout: Duration) -> (String, tokio::sync::watch::Sender<bool>) {
     let device: Arc<dyn BlockIo> = MemDevice::new("sessions", 1 << 20, 4096);
-    let identity = Identity {
-        vendor: "STRATA".into(),
-        product: "TEST".into(),
-        revision: "0001".into(),
-        serial: "sessions".into(),
-        naa: [0x60; 16],
-        target_port_group: 1,
-        read_only: false,
-    };
-    let lu =
-        LogicalUnit::new(device, identity, None, Arc::new(Volatile), Arc::new(Directory::new())).unwrap();
-    let mut luns = LunMap::new();
-    luns.insert(0, Arc::new(lu));
-    let node = TargetNode {
-        name: TARGET.into(),
-        alias: None,
-        every_lu: luns.values().cloned().collect(),
-        luns,
-        chap: None,
-        mutual: None,
-    };
-    let server = IscsiServer::with_keepalive(Arc::new(One(Arc::new(node))), interval, timeout);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let listener = strata_net::listener::Listener::new(listener, "iSCSI", Default::default());
-    tokio::spawn(server.run(listener, stopped));
-    (addr, stop)
-}
-
-fn header(opcode: u8) -> [u8; 48] {
-    let mut h = [0u8; 48];
-    h[0] = opcode;
-    h[1] = 0x80;
-    h
+    let targets = common::one_lu(TARGET, device, "sessions");
+    common::listen(IscsiServer::with_keepalive(targets, interval, timeout)).await
 }
 
 async fn send(s: &mut TcpStream, mut h: [u8; 48], data: &[u8]) {
@@ -89,7 +43,7 @@ async fn read(s: &mut TcpStream) -> Option<([u8; 48], Vec<u8>)> {
 
 async fn login(addr: &str, isid: [u8; 6]) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut h = header(0x43);
+    let mut h = common::header(0x43);
     h[1] = 0x80 | (1 << 2) | 3;
     h[8..14].copy_from_slice(&isid);
     h[24..28].copy_from_slice(&1u32.to_be_bytes());
@@ -115,7 +69,7 @@ async fn idle_initiators_are_pinged_and_dropped_when_silent() {
     assert_eq!(&ping[16..20], &[0xff; 4], "ITT is reserved");
     assert_ne!(&ping[20..24], &[0xff; 4], "TTT asks for an answer");
     // Answered: the connection lives on and is pinged again later.
-    let mut answer = header(0x40);
+    let mut answer = common::header(0x40);
     answer[16..20].copy_from_slice(&[0xff; 4]);
     answer[20..24].copy_from_slice(&ping[20..24]);
     send(&mut s, answer, &[]).await;
@@ -134,7 +88,7 @@ async fn a_login_with_the_same_isid_reinstates_the_session() {
     let mut new = login(&addr, isid).await;
     assert!(next(&mut old, Duration::from_secs(5)).await.unwrap().is_none(), "the old connection is closed");
     for s in [&mut new, &mut other] {
-        let mut ping = header(0x40);
+        let mut ping = common::header(0x40);
         ping[0] |= 0x40; // immediate
         ping[16..20].copy_from_slice(&7u32.to_be_bytes());
         ping[20..24].copy_from_slice(&[0xff; 4]);
@@ -155,7 +109,7 @@ async fn an_initiator_that_stops_reading_is_dropped_by_keep_alive() {
     // socket buffers hold, so the target's writes block.
     let reads = 32u32;
     for itt in 0..reads {
-        let mut h = header(0x01 | 0x40);
+        let mut h = common::header(0x01 | 0x40);
         h[1] = 0x80 | 0x40; // final, read
         h[16..20].copy_from_slice(&itt.to_be_bytes());
         h[20..24].copy_from_slice(&(1u32 << 20).to_be_bytes());
