@@ -666,6 +666,19 @@ mod tests {
         }
     }
 
+    /// What a connection with no targets shares: keep-alive pings an hour apart, so only
+    /// what a test looks at ends it.
+    fn quiet(sessions: &Arc<Sessions>) -> Shared<'_> {
+        let hour = Duration::from_secs(3600);
+        Shared {
+            targets: &NoTargets,
+            sessions,
+            portal: "127.0.0.1:3260,1".into(),
+            keepalive: Keepalive { interval: hour, timeout: hour },
+            peer: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
     /// A discovery session whose initiator sends NOP-Outs with 64 KiB of data, then takes
     /// one byte of the echoes every 29 s (never idle for SEND_TIMEOUT): it is dropped once
     /// the output the socket made wait has not all gone within its `send_allowance`.
@@ -674,14 +687,7 @@ mod tests {
     async fn an_initiator_taking_a_byte_now_and_then_is_dropped() {
         let (near, far) = tokio::io::duplex(64 << 10);
         let sessions = Arc::new(Sessions::default());
-        let hour = Duration::from_secs(3600);
-        let shared = Shared {
-            targets: &NoTargets,
-            sessions: &sessions,
-            portal: "127.0.0.1:3260,1".into(),
-            keepalive: Keepalive { interval: hour, timeout: hour },
-            peer: "127.0.0.1:1".parse().unwrap(),
-        };
+        let shared = quiet(&sessions);
         let params = Parameters {
             max_recv_data_segment_length: 256 << 10,
             max_send_data_segment_length: 256 << 10,
@@ -788,14 +794,7 @@ mod tests {
     async fn a_closing_connection_leaves_the_line() {
         let (near, far) = tokio::io::duplex(64 << 10);
         let sessions = Arc::new(Sessions::default());
-        let hour = Duration::from_secs(3600);
-        let shared = Shared {
-            targets: &NoTargets,
-            sessions: &sessions,
-            portal: "127.0.0.1:3260,1".into(),
-            keepalive: Keepalive { interval: hour, timeout: hour },
-            peer: "127.0.0.1:1".parse().unwrap(),
-        };
+        let shared = quiet(&sessions);
         let params = Parameters { max_send_data_segment_length: 256 << 10, ..Parameters::default() };
         let login = LoggedIn {
             kind: SessionKind::Normal(target()),
